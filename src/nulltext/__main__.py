@@ -1,0 +1,3 @@
+from nulltext.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""Command line: ``nulltext [overrides]`` (invert a dataset) and ``nulltext reconstruct artifact=...``.
+
+Both are Hydra apps over the configs in ``conf/``. The task functions (:func:`run_inversion`,
+:func:`run_reconstruction`) take a composed config and are what tests call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from nulltext.errors import NulltextError
+
+log = logging.getLogger("nulltext")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+TABLE_COLUMNS = ("method", "PSNR", "LPIPS", "VAE PSNR", "iters", "s/image", "images")
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of run summaries (metrics.json dictionaries)."""
+
+    def cells(m: dict) -> tuple[str, ...]:
+        failed = f" ({m['num_failed']} failed)" if m.get("num_failed") else ""
+        number = lambda v, f: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)  # noqa: E731
+        return (
+            m["method"],
+            number(m.get("psnr_mean"), ".2f"),
+            number(m.get("lpips_mean"), ".4f"),
+            number(m.get("vae_psnr_mean"), ".2f"),
+            number(m.get("iterations_mean"), ".0f"),
+            number(m.get("seconds_mean"), ".2f"),
+            f"{m.get('num_images', 0)}{failed}",
+        )
+
+    table = [TABLE_COLUMNS, *[cells(m) for m in rows]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def choice(group: str) -> str | None:
+    """The option chosen for a config group in the running Hydra app (e.g. model -> "tiny")."""
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def run_inversion(cfg: DictConfig) -> dict:
+    """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
+    from nulltext.models import pipeline_resolution
+    from nulltext.runner import InversionModule
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.paths.output_dir)
+    pipe = instantiate(cfg.model)
+    diffusion = instantiate(cfg.diffusion, pipe=pipe)
+    method = instantiate(cfg.inversion)
+    resolution = cfg.data.get("resolution") or pipeline_resolution(pipe)
+    datamodule = instantiate(cfg.data, resolution=resolution)
+    record = {
+        "model": choice("model") or str(cfg.model.get("path", cfg.model._target_)),
+        "data": choice("data"),
+        "resolution": resolution,
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "diffusion_config": OmegaConf.to_container(cfg.diffusion, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    module = InversionModule(diffusion, method, output_dir, seed=cfg.seed, lpips_net=cfg.lpips_net, record=record)
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False)
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    finally:
+        # A live wandb run would swallow the next multirun job's logs: end it here, always.
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.finish()
+    print(format_table([module.metrics]))
+    print(f"outputs: {output_dir}")
+    return module.metrics
+
+
+def run_reconstruction(cfg: DictConfig) -> Path:
+    """Rebuild the pipeline recorded in an artifact, re-sample, write ``<stem>.png`` in the run dir."""
+    from nulltext.api import reconstruct_artifact
+    from nulltext.runner import save_png
+
+    path = Path(cfg.paths.output_dir) / f"{Path(cfg.artifact).stem}.png"
+    save_png(path, reconstruct_artifact(cfg.artifact))
+    print(f"reconstruction: {path}")
+    return path
+
+
+class SummaryTable(Callback):
+    """After a multirun, print one table row per job from the jobs' metrics.json files."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import json
+
+        rows = [json.loads(p.read_text()) for p in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json"))]
+        if rows:
+            print(format_table(rows))
+
+
+def _report_errors(task):
+    def wrapped(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except NulltextError as error:
+            print(f"nulltext: error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def invert_app(cfg: DictConfig) -> float:
+    # Returned so that Hydra sweepers can optimise it.
+    return _report_errors(run_inversion)(cfg)["psnr_mean"]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reconstruct")
+def reconstruct_app(cfg: DictConfig) -> None:
+    _report_errors(run_reconstruction)(cfg)
+
+
+SUBCOMMANDS = {"reconstruct": reconstruct_app}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        app = SUBCOMMANDS[sys.argv.pop(1)]
+        app()
+    else:
+        invert_app()

@@ -1,0 +1,137 @@
+"""The pieces of a Stable Diffusion pipeline that inversion needs, batched and float32.
+
+``Diffusion`` wraps a diffusers ``StableDiffusionPipeline`` (components passed in, never built
+here) with the conventions of the official null-text code (ALGORITHM.md sections 1-3, 5): VAE
+posterior mean times the scaling factor, text embeddings as the full 77-token encoder output,
+classifier-free guidance with the unconditional half first, and DDIM in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch import Tensor
+
+from nulltext.ddim import DDIMSchedule
+
+log = logging.getLogger(__name__)
+
+InversionTimestep = Literal["target", "source"]
+
+
+class Diffusion:
+    """Batched encode / decode / UNet / DDIM helpers around one pipeline.
+
+    Args:
+        pipe: a (frozen) Stable Diffusion pipeline.
+        num_inference_steps: DDIM steps (50 in the paper).
+        guidance_scale: classifier-free guidance w used for reconstruction and editing (7.5).
+        inversion_timestep: "target" evaluates the UNet at the destination timestep t on the
+            source latent z_{t-k}, as the official code does; "source" uses the source timestep
+            t-k, as the paper's equation is written (clamped at 0 for the first step).
+    """
+
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        inversion_timestep: InversionTimestep = "target",
+    ):
+        if inversion_timestep not in ("target", "source"):
+            raise ValueError(f"inversion_timestep must be 'target' or 'source', not {inversion_timestep!r}")
+        self.pipe = pipe
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.schedule = DDIMSchedule.from_scheduler_config(pipe.scheduler.config, num_inference_steps)
+        self.guidance_scale = float(guidance_scale)
+        self.inversion_timestep = inversion_timestep
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        return self.schedule.timesteps
+
+    # -- text -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """psi(prompt): the text encoder's full output sequence, padded to the context length."""
+        max_len = self.tokenizer.model_max_length
+        for prompt in prompts:
+            n = len(self.tokenizer(prompt).input_ids)
+            if n > max_len:
+                log.warning("caption has %d tokens; truncated to %d: %r", n, max_len, prompt)
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    # -- images -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """uint8 [B,3,H,W] -> latents: VAE posterior MEAN (not a sample) times the scaling factor."""
+        x = images.to(self.device, torch.float32) / 127.5 - 1
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1], float32 [B,3,H,W]."""
+        x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    # -- UNet -------------------------------------------------------------------------------
+    def model_output(self, z: Tensor, t: int, context: Tensor) -> Tensor:
+        """The UNet's raw prediction (epsilon or v) for latents ``z`` at timestep ``t``."""
+        return self.unet(z, t, encoder_hidden_states=context).sample
+
+    def guided_output(self, z: Tensor, t: int, uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): out_u + w (out_c - out_u).
+
+        One UNet call on the doubled batch [uncond; cond], as the official sampler does. At w = 1
+        the unconditional half cannot matter and is skipped.
+        """
+        if guidance_scale == 1.0:
+            return self.model_output(z, t, cond)
+        out_u, out_c = self.model_output(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    # -- trajectories -----------------------------------------------------------------------
+    @torch.no_grad()
+    def ddim_inversion(self, z0: Tensor, cond: Tensor, uncond: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
+        """DDIM inversion: the pivot trajectory [B, S+1, C, h, w], index 0 = z_0, index S = z_T.
+
+        ALGORITHM.md section 3: w = 1 (conditional prediction only) is the paper's pivot; other
+        scales exist for the pivot-guidance ablation (paper Fig. 9).
+        """
+        latents = [z0]
+        z = z0
+        for t in reversed(self.timesteps):
+            t_unet = t if self.inversion_timestep == "target" else max(t - self.schedule.step_ratio, 0)
+            out = self.guided_output(z, t_unet, uncond, cond, guidance_scale)
+            z = self.schedule.invert_step(out, t, z)
+            latents.append(z)
+        return torch.stack(latents, dim=1)
+
+    @torch.no_grad()
+    def sample(self, z_T: Tensor, uncond: Tensor, cond: Tensor, guidance_scale: float | None = None) -> Tensor:
+        """Guided DDIM sampling from z_T; returns the trajectory [B, S+1, C, h, w] (index 0 = z_T).
+
+        ``uncond`` / ``cond`` are [B, S, L, D] (one embedding per step) or [B, 1, L, D] (shared by
+        all steps): ALGORITHM.md section 5, with null_i at step i.
+        """
+        w = self.guidance_scale if guidance_scale is None else guidance_scale
+        z = z_T
+        latents = [z]
+        for i, t in enumerate(self.timesteps):
+            out = self.guided_output(z, t, step_embedding(uncond, i), step_embedding(cond, i), w)
+            z = self.schedule.denoise_step(out, t, z)
+            latents.append(z)
+        return torch.stack(latents, dim=1)
+
+
+def step_embedding(embeddings: Tensor, i: int) -> Tensor:
+    """Embedding of step ``i`` from [B, S, L, D] per-step or [B, 1, L, D] shared embeddings."""
+    return embeddings[:, i if embeddings.shape[1] > 1 else 0]

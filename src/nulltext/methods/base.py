@@ -1,0 +1,90 @@
+"""The common interface of inversion methods and the record they return."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from nulltext.diffusion import Diffusion
+
+
+@dataclass
+class Inversion:
+    """Everything needed to reconstruct (and later edit) a batch of B images.
+
+    Reconstruction is guided DDIM sampling from ``z_T`` with ``uncond[:, i]`` / ``cond[:, i]`` at
+    step i (second axis of length S, or 1 when one embedding serves every step), at
+    ``guidance_scale``. ``uncond is None`` means no sampling: the reconstruction is decode(z_T)
+    (the VAE bound).
+    """
+
+    z_T: Tensor
+    uncond: Tensor | None
+    cond: Tensor | None
+    prompts: list[str]
+    guidance_scale: float
+    iterations: list[int]
+    pivot: Tensor | None = None  # [B, S+1, C, h, w], index 0 = z_0, when the method has a pivot
+    extra_guidance_scales: tuple[float, ...] = ()
+    # Per-image loss after every optimisation pass or report interval, for methods that record one.
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def select(self, b: int) -> "Inversion":
+        """The record of image ``b`` alone (a batch of one)."""
+        pick = lambda x: None if x is None else x[b : b + 1]  # noqa: E731
+        return Inversion(
+            z_T=pick(self.z_T),
+            uncond=pick(self.uncond),
+            cond=pick(self.cond),
+            prompts=[self.prompts[b]],
+            guidance_scale=self.guidance_scale,
+            iterations=[self.iterations[b]],
+            pivot=pick(self.pivot),
+            extra_guidance_scales=self.extra_guidance_scales,
+            curves={k: [v[b]] for k, v in self.curves.items()},
+        )
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A per-image seed that depends on the run seed and the image id only (not on the batch)."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def gaussian_like(z: Tensor, seeds: Sequence[int]) -> Tensor:
+    """One standard-normal draw per image, each from its own seed (batch-size independent)."""
+    draws = [torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(draws).to(z)
+
+
+class InversionMethod(ABC):
+    """One inversion method: ``invert`` maps VAE latents and captions to an :class:`Inversion`.
+
+    Methods never touch model weights (the pipeline is frozen) and never depend on how images
+    are batched: every per-image random draw uses :func:`image_seed`.
+
+    Args:
+        extra_guidance_scales: also reconstruct at these guidance scales and report their PSNR
+            (e.g. DDIM inversion sampled at w = 1 as well as at 7.5).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, extra_guidance_scales: Sequence[float] = ()):
+        self.extra_guidance_scales = tuple(float(w) for w in extra_guidance_scales)
+
+    def prepare(self, captions: Sequence[str]) -> None:
+        """Called once with every caption of the dataset before inverting (most methods ignore it)."""
+
+    @abstractmethod
+    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+        """Invert a batch: ``z0`` [B,C,h,w] VAE latents, one caption and one seed per image."""
+
+    def config(self) -> dict:
+        """The method's settings, recorded in every artifact."""
+        return {"name": self.name, **{k: v for k, v in vars(self).items() if not k.startswith("_")}}

@@ -1,0 +1,64 @@
+"""Methods without optimisation: the VAE upper bound, DDIM inversion and negative-prompt inversion."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from nulltext.diffusion import Diffusion
+from nulltext.methods.base import Inversion, InversionMethod
+
+
+class VAEReconstruction(InversionMethod):
+    """Upper bound: decode(encode(x)); no diffusion at all."""
+
+    name = "vae"
+
+    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+        return Inversion(z_T=z0, uncond=None, cond=None, prompts=prompts, guidance_scale=0.0, iterations=[0] * len(prompts))
+
+
+class DDIMInversion(InversionMethod):
+    """Lower bound: the w = 1 pivot's z*_T, sampled at w = 7.5 with psi("") (ALGORITHM.md section 6).
+
+    By default it also reports sampling at w = 1, which retraces the pivot up to DDIM's error.
+    """
+
+    name = "ddim"
+
+    def __init__(self, extra_guidance_scales: Sequence[float] = (1.0,)):
+        super().__init__(extra_guidance_scales)
+
+    def embeddings(self, diffusion: Diffusion, cond: Tensor) -> Tensor:
+        """The unconditional embedding used at every step when sampling."""
+        return diffusion.encode_text([""]).expand_as(cond)
+
+    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+        cond = diffusion.encode_text(prompts)
+        pivot = diffusion.ddim_inversion(z0, cond)
+        return Inversion(
+            z_T=pivot[:, -1],
+            uncond=self.embeddings(diffusion, cond).unsqueeze(1),
+            cond=cond.unsqueeze(1),
+            prompts=prompts,
+            guidance_scale=diffusion.guidance_scale,
+            iterations=[0] * len(prompts),
+            pivot=pivot,
+            extra_guidance_scales=self.extra_guidance_scales,
+        )
+
+
+class NegativePromptInversion(DDIMInversion):
+    """Negative-prompt inversion (Miyake et al. 2023): the null embedding := psi(prompt) at every step.
+
+    No optimisation; guidance then has no effect, so sampling retraces the w = 1 pivot.
+    """
+
+    name = "negative_prompt"
+
+    def __init__(self, extra_guidance_scales: Sequence[float] = ()):
+        super().__init__(extra_guidance_scales)
+
+    def embeddings(self, diffusion: Diffusion, cond: Tensor) -> Tensor:
+        return cond

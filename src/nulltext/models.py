@@ -1,0 +1,140 @@
+"""Loading Stable Diffusion pipelines (hub id or local folder) and building random-init ones.
+
+Every pipeline leaves here frozen (``requires_grad_(False)``, eval mode) in float32: inversion
+optimises embeddings only, and the official code's unfrozen UNet costs ~3.4 GB of weight gradients
+for nothing (ALGORITHM.md section 4).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from nulltext.errors import ModelUnavailableError, UnknownNameError
+from nulltext.io import atomic_write_text
+
+CLIP_CONTEXT_LENGTH = 77
+# The SD v1 scheduler settings (ALGORITHM.md section 1); SD pipelines force steps_offset=1.
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def _clip_bpe_path() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError(
+            "the CLIP tokenizer vocabulary comes from open_clip_torch, which is not installed: "
+            "run `pip install open_clip_torch==3.3.0`"
+        )
+    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
+    """The real CLIP ViT-L/14 tokenizer (SD v1 token ids), built offline from open_clip's BPE merges.
+
+    The vocabulary is OpenAI's rule: 256 byte symbols, the same with ``</w>``, one entry per merge,
+    then the two special tokens. Written once to a cache folder and loaded with ``from_pretrained``
+    (transformers 5 silently ignores ``vocab_file=`` keywords).
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder = Path(cache_dir or os.environ.get("NULLTEXT_CACHE", Path.home() / ".cache" / "nulltext")) / "clip-tokenizer"
+    if not (folder / "tokenizer_config.json").exists():
+        lines = gzip.open(_clip_bpe_path()).read().decode("utf-8").split("\n")
+        merges = lines[1 : 49152 - 256 - 2 + 1]
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "vocab.json", json.dumps({tok: i for i, tok in enumerate(vocab)}))
+        atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+        # SD v1 pads with <|endoftext|>; the config file is written last so it marks a complete folder.
+        config = {"model_max_length": CLIP_CONTEXT_LENGTH, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(config))
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_CONTEXT_LENGTH)
+
+
+def freeze(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_random_pipeline(
+    unet: dict,
+    vae: dict,
+    text_encoder: dict,
+    scheduler: dict | None = None,
+    seed: int = 0,
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline with random weights, built from component configs and a seed.
+
+    Same code paths and per-call cost as a real SD model of the same shape (used by tests and GPU
+    benchmarks); its pictures are noise.
+    """
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(**text_encoder)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**unet),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(text_config),
+        tokenizer=clip_tokenizer(),
+        scheduler=DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, **(scheduler or {})}),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return freeze(pipe)
+
+
+def load_pipeline(path: str, revision: str | None = None, local_files_only: bool | None = None) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
+
+    Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works only if the weights are already in
+    the Hugging Face cache; otherwise one clear error says what to do.
+    """
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "model_index.json").exists():
+        raise ModelUnavailableError(
+            f"model folder {local} has no model_index.json: give a folder written by "
+            "StableDiffusionPipeline.save_pretrained, or a hub id"
+        )
+    if path.count("/") != 1 and not local.exists():
+        raise UnknownNameError(
+            f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
+            "or one of the model configs (model=tiny, sd14, sd15, sd21_base)"
+        )
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": torch.float32}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else path, revision=revision, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as error:
+        raise ModelUnavailableError(
+            f"cannot load model {path!r} ({type(error).__name__}): its weights are not in the local Hugging Face "
+            "cache and the hub cannot be reached; download it once with network access "
+            f"(`hf download {path}`) or pass model.path=<local pipeline folder>"
+        ) from None
+    return freeze(pipe)
+
+
+def pipeline_resolution(pipe: StableDiffusionPipeline) -> int:
+    """Pixel resolution the pipeline was trained at: latent size times the VAE's downsampling."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -1,0 +1,185 @@
+"""The experiment runner: a LightningModule that applies one inversion method to a dataset.
+
+``trainer.test`` drives it (Lightning's test loop runs under ``torch.no_grad``; inversion needs
+gradients, so ``test_step`` re-enables them and the Trainer must be built with
+``inference_mode=False``). Per image it writes a PNG (input | VAE | reconstruction) and an
+inversion artifact, logs PSNR/LPIPS, and at the end writes ``metrics.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+
+from nulltext.artifacts import save_artifact
+from nulltext.diffusion import Diffusion
+from nulltext.io import atomic_write, atomic_write_json
+from nulltext.methods import InversionMethod, image_seed
+from nulltext.metrics import load_lpips, lpips_per_image, psnr_per_image
+from nulltext.provenance import provenance
+from nulltext.reconstruction import latent_errors, reconstruct, to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def image_row(*images: torch.Tensor) -> Image.Image:
+    """uint8 [3,H,W] tensors side by side as one PIL image."""
+    return Image.fromarray(torch.cat(images, dim=2).permute(1, 2, 0).cpu().numpy())
+
+
+def save_png(path: Path, image: Image.Image) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def mean_or_nan(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+class InversionModule(L.LightningModule):
+    """Runs ``method`` over the test dataloader's batches and records everything per image.
+
+    Args:
+        diffusion: the pipeline wrapper (its modules become submodules, so Lightning places them).
+        method: the inversion method.
+        output_dir: run directory; gets ``metrics.json``, ``images/`` and ``inversions/``.
+        seed: run seed; per-image random draws use ``image_seed(seed, id)``.
+        lpips_net: LPIPS backbone ("alex" as in the literature).
+        record: extra settings stored in every artifact and in metrics.json (model config, names).
+    """
+
+    def __init__(
+        self,
+        diffusion: Diffusion,
+        method: InversionMethod,
+        output_dir: str | Path,
+        seed: int = 0,
+        lpips_net: str = "alex",
+        record: dict | None = None,
+    ):
+        super().__init__()
+        self.diffusion = diffusion
+        self.components = torch.nn.ModuleDict(
+            {"unet": diffusion.unet, "vae": diffusion.vae, "text_encoder": diffusion.text_encoder}
+        )
+        self.method = method
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.lpips_net = lpips_net
+        self.record = dict(record or {})
+        self.results: list[dict] = []
+        self.metrics: dict | None = None
+
+    def on_test_start(self) -> None:
+        self.lpips, self.lpips_spec = load_lpips(self.lpips_net, device=self.device)
+        datamodule = self.trainer.datamodule
+        self.method.prepare(datamodule.captions if datamodule is not None else [])
+
+    def artifact_metadata(self, image_id: str, seed: int) -> dict:
+        d = self.diffusion
+        return {
+            "id": image_id,
+            "seed": seed,
+            "method": self.method.config(),
+            "num_inference_steps": d.schedule.num_steps,
+            "inversion_timestep": d.inversion_timestep,
+            "scheduler": dict(d.pipe.scheduler.config),
+            **self.record,
+            **provenance(),
+        }
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        for failure in batch["failures"]:
+            log.error("image %s failed: %s", failure["id"], failure["error"])
+            self.results.append({"id": failure["id"], "status": "failed", "error": failure["error"]})
+        if not batch["ids"]:
+            return
+        ids, captions, images = batch["ids"], batch["captions"], batch["images"].to(self.device)
+        seeds = [image_seed(self.seed, i) for i in ids]
+        z0 = self.diffusion.encode_images(images)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            inversion = self.method.invert(self.diffusion, z0, list(captions), seeds)
+        seconds = (time.perf_counter() - start) / len(ids)
+        recon = reconstruct(self.diffusion, inversion)
+        vae_images = to_uint8(self.diffusion.decode(z0))
+        target = images.float() / 255
+        as_float = lambda x: x.float() / 255  # noqa: E731
+        psnr = psnr_per_image(as_float(recon.images), target)
+        lpips = lpips_per_image(self.lpips, as_float(recon.images), target)
+        vae_psnr = psnr_per_image(as_float(vae_images), target)
+        extra = {
+            f"psnr_w{w:g}": psnr_per_image(as_float(reconstruct(self.diffusion, inversion, w).images), target)
+            for w in inversion.extra_guidance_scales
+        }
+        errors = None
+        if inversion.pivot is not None and recon.trajectory is not None:
+            errors = latent_errors(recon.trajectory, inversion.pivot)
+        for b, image_id in enumerate(ids):
+            save_png(self.output_dir / "images" / f"{image_id}.png", image_row(images[b], vae_images[b], recon.images[b]))
+            save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b]))
+            result = {
+                "id": image_id,
+                "status": "ok",
+                "caption": captions[b],
+                "inversion_prompt": inversion.prompts[b],
+                "psnr": psnr[b].item(),
+                "lpips": lpips[b].item(),
+                "vae_psnr": vae_psnr[b].item(),
+                "iterations": inversion.iterations[b],
+                "seconds": seconds,
+                **{k: v[b].item() for k, v in extra.items()},
+            }
+            if errors is not None:
+                timesteps = self.diffusion.timesteps
+                result["latent_error"] = {"timesteps": [*timesteps, 0], "mse": errors[b].tolist()}
+            for name, curve in inversion.curves.items():
+                result[name] = curve[b]
+            self.results.append(result)
+            self.log_image(result, images[b], recon.images[b])
+        for key, values in {"psnr": psnr, "lpips": lpips, "vae_psnr": vae_psnr, **extra}.items():
+            self.log(f"test/{key}", values.mean(), batch_size=len(ids), on_epoch=True)
+        self.log("test/seconds", seconds, batch_size=len(ids), on_epoch=True)
+
+    def log_image(self, result: dict, image: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        """Per-image values to every logger (step = image index); pictures and curves to wandb."""
+        step = len([r for r in self.results if r["status"] == "ok"]) - 1
+        scalars = {f"image/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=step)
+        wandb_loggers = [lg for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
+        for logger in wandb_loggers:
+            import wandb
+
+            payload = {"image/reconstruction": wandb.Image(image_row(image, reconstruction), caption=f"{result['id']}: {result['caption']}")}
+            if "latent_error" in result:
+                curve = result["latent_error"]
+                table = wandb.Table(data=list(zip(curve["timesteps"], curve["mse"])), columns=["timestep", "latent mse"])
+                payload[f"latent_error/{result['id']}"] = wandb.plot.line(table, "timestep", "latent mse", title=f"latent error {result['id']}")
+            logger.experiment.log(payload)
+
+    def on_test_epoch_end(self) -> None:
+        ok = [r for r in self.results if r["status"] == "ok"]
+        self.metrics = {
+            "method": self.method.name,
+            **self.record,
+            "lpips": self.lpips_spec,
+            "psnr_mean": mean_or_nan([r["psnr"] for r in ok]),
+            "lpips_mean": mean_or_nan([r["lpips"] for r in ok]),
+            "vae_psnr_mean": mean_or_nan([r["vae_psnr"] for r in ok]),
+            "seconds_mean": mean_or_nan([r["seconds"] for r in ok]),
+            "iterations_mean": mean_or_nan([r["iterations"] for r in ok]),
+            "num_images": len(ok),
+            "num_failed": len(self.results) - len(ok),
+            "images": self.results,
+            **provenance(),
+        }
+        for key in sorted({k for r in ok for k in r if k.startswith("psnr_w")}):
+            self.metrics[f"{key}_mean"] = mean_or_nan([r[key] for r in ok if key in r])
+        if self.trainer.is_global_zero:
+            atomic_write_json(self.output_dir / "metrics.json", self.metrics)

