@@ -475,6 +475,7 @@ def test_collate_and_datamodule_batch_of_three(tmp_path):
     folder = _three_with_one_bad(tmp_path)
     dm = InversionDataModule(functools.partial(FolderDataset, path=folder), batch_size=3, resolution=16)
     assert dm.ids == ["a", "b", "c"] and dm.resolution == 16
+    assert dm.captions == ["red", "gone", "blue"]
     batches = list(dm.test_dataloader())
     assert len(batches) == 1
     batch = batches[0]
@@ -502,6 +503,7 @@ def test_datamodule_resolution_and_instances(tmp_path):
     ds = FolderDataset(folder, resolution=8)
     dm = InversionDataModule(ds, batch_size=2, limit=2)
     assert dm.ids == ["a", "b"] and [len(b["failures"]) for b in dm.test_dataloader()] == [1]
+    assert dm.captions == ["red", "gone"]
     with pytest.raises(NulltextError):
         InversionDataModule(ds, resolution=16)
     with pytest.raises(NulltextError):

@@ -106,7 +106,7 @@ def normalize_crop(crop: Crop | Sequence[int] | Mapping[str, int] | None) -> Cro
         )
     out = []
     for key, value in zip(_CROP_KEYS, values):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not _is_int(value):
             raise NulltextError(f"crop {key} must be an integer number of pixels, got {value!r}")
         if value < 0:
             raise NulltextError(f"crop {key} must be >= 0 pixels, got {value}")
@@ -177,7 +177,7 @@ def preprocess_image(
     *,
     source: str = "<image>",
 ) -> torch.Tensor:
-    """Convert, crop and resize one PIL image; returns ``torch.uint8`` ``[3, resolution, resolution]``.
+    """Convert, crop and resize one PIL image; returns ``torch.uint8`` ``[3, R, R]``.
 
     Steps (fixed official null-text ``load_512``): :func:`to_rgb`; remove ``crop`` offsets
     ``(left, right, top, bottom)`` clamped so at least one pixel row/column remains; centre
@@ -253,8 +253,12 @@ def load_image(
     return preprocess_image(image, resolution, crop, source=str(path))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_resolution(resolution: Any) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral) or resolution < 1:
+    if not _is_int(resolution) or resolution < 1:
         raise NulltextError(
             f"resolution must be a positive integer number of pixels, got {resolution!r}: "
             "pass the model's image size, e.g. resolution=512"
@@ -265,7 +269,7 @@ def _check_resolution(resolution: Any) -> int:
 def _check_limit(limit: Any) -> int | None:
     if limit is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0:
+    if not _is_int(limit) or limit < 0:
         raise NulltextError(f"limit must be null or an integer >= 0, got {limit!r}")
     return int(limit)
 
@@ -310,7 +314,8 @@ class _CaptionedImages(Dataset):
 
     @property
     def captions(self) -> list[str]:
-        return [e.caption for e in self._entries]
+        """Captions aligned with :attr:`ids`, stripped as items return them ("" if empty)."""
+        return [e.caption.strip() for e in self._entries]
 
     @property
     def paths(self) -> list[Path | None]:
@@ -371,7 +376,12 @@ _SAMPLES: tuple[tuple[str, str, str, str], ...] = (
         "datasets/images/china.jpg",
         "a tall chinese pagoda with green and orange roofs above trees next to a lake",
     ),
-    ("dahlia", "sklearn", "datasets/images/flower.jpg", "an orange dahlia flower in front of dark green leaves"),
+    (
+        "dahlia",
+        "sklearn",
+        "datasets/images/flower.jpg",
+        "an orange dahlia flower in front of dark green leaves",
+    ),
     (
         "rocket",
         "skimage",
@@ -556,7 +566,8 @@ def _read_captions_csv(file: Path) -> list[tuple[int, str, str, Crop | None]]:
             rows.append((line, image, values["caption"], crop))
         if header is None:
             raise NulltextError(
-                f"captions file {file} is empty: write a header 'image,caption' then one row per image"
+                f"captions file {file} is empty: write a header 'image,caption' then one row "
+                "per image"
             )
     return rows
 
@@ -589,7 +600,9 @@ def _read_captions_jsonl(file: Path) -> list[tuple[int, str, str, Crop | None]]:
             if caption is None:
                 caption = ""
             if not isinstance(caption, str):
-                raise NulltextError(f"{where}: 'caption' must be a string, got {type(caption).__name__}")
+                raise NulltextError(
+                    f"{where}: 'caption' must be a string, got {type(caption).__name__}"
+                )
             rows.append((line, image.strip(), caption, _parse_row_crop(obj, where)))
     return rows
 
@@ -655,7 +668,9 @@ class FolderDataset(_CaptionedImages):
         try:
             rows = reader(file)
         except UnicodeDecodeError:
-            raise NulltextError(f"captions file {file} is not UTF-8 text: save it as UTF-8") from None
+            raise NulltextError(
+                f"captions file {file} is not UTF-8 text: save it as UTF-8"
+            ) from None
         except csv.Error as exc:
             raise NulltextError(_one_line(f"captions file {file}: malformed CSV ({exc})")) from None
 
@@ -724,9 +739,9 @@ class CocoDataset(_CaptionedImages):
         image_dir = image_dir if image_dir.is_absolute() else root_dir / image_dir
         if not image_dir.is_dir():
             raise NulltextError(f"COCO image folder not found: {image_dir}: {_COCO_HOWTO}")
-        if isinstance(num_images, bool) or not isinstance(num_images, numbers.Integral) or num_images < 0:
+        if not _is_int(num_images) or num_images < 0:
             raise NulltextError(f"num_images must be an integer >= 0, got {num_images!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if not _is_int(seed):
             raise NulltextError(f"seed must be an integer, got {seed!r}")
 
         try:
@@ -836,9 +851,9 @@ class InversionDataModule(L.LightningDataModule):
         limit: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise NulltextError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        if not _is_int(num_workers) or num_workers < 0:
             raise NulltextError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         limit = _check_limit(limit)
         if resolution is not None:
@@ -890,6 +905,18 @@ class InversionDataModule(L.LightningDataModule):
         if ids is not None:
             return list(ids)
         return [str(i) for i in range(len(ds))]  # type: ignore[arg-type]
+
+    @property
+    def captions(self) -> list[str]:
+        """Captions aligned with :attr:`ids` (an item with an empty caption gives ""; that item
+        itself loads as a failure record). Used e.g. as the pool of the random-caption ablation."""
+        ds = self.dataset
+        base, indices = (ds.dataset, list(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+        captions = getattr(base, "captions", None)
+        if captions is None:  # a foreign dataset: read its items (loads the images)
+            return [str(ds[i].get("caption", "")) for i in range(len(ds))]  # type: ignore[arg-type]
+        captions = list(captions)
+        return captions if indices is None else [captions[i] for i in indices]
 
     def _loader(self) -> DataLoader:
         return DataLoader(
