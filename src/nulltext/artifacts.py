@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from nulltext.io import atomic_write, atomic_write_json
@@ -25,7 +26,8 @@ def save_artifact(stem: str | Path, inversion: Inversion, metadata: dict) -> Pat
     if inversion.uncond is not None:
         tensors["uncond"] = inversion.uncond[0]
         tensors["cond"] = inversion.cond[0]
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # clone: safetensors refuses tensors that share storage (negative-prompt uses one for both).
+    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
     record = {
         "format_version": FORMAT_VERSION,

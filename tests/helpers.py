@@ -1,0 +1,32 @@
+"""Composing the real Hydra configs for tests (each test gets its own output dir)."""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from nulltext.cli import CONFIG_DIR
+
+# Few steps and iterations so that every method runs in seconds on the tiny model.
+FAST = [
+    "model=tiny",
+    "diffusion.num_inference_steps=4",
+    "logger=csv",
+]
+
+
+@contextmanager
+def composed(config_name: str, overrides: list[str], output_dir: Path):
+    """The composed config with ``paths.output_dir`` set and HydraConfig installed, as in a real run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            del cfg.hydra
+        yield cfg
+    GlobalHydra.instance().clear()
