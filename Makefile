@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # The default offline experiment: the main methods on the offline model and sample photos.
 run: $(STAMP)
-	$(BIN)/nulltext -m inversion=vae,ddim,negative_prompt,null_text
+	$(BIN)/nulltext -m inversion=vae,ddim,negative_prompt,null_text data.limit=4
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -112,12 +112,24 @@ class SummaryTable(Callback):
             print(format_table(rows))
 
 
+def user_error(error: BaseException) -> NulltextError | None:
+    """The NulltextError behind ``error``, also when hydra.utils.instantiate wrapped it."""
+    while error is not None and not isinstance(error, NulltextError):
+        error = error.__cause__
+    return error
+
+
 def _report_errors(task):
+    """Run a task; a user error becomes one line on stderr and exit status 2, not a traceback."""
+
     def wrapped(cfg: DictConfig):
         try:
             return task(cfg)
-        except NulltextError as error:
-            print(f"nulltext: error: {error}", file=sys.stderr)
+        except Exception as error:
+            found = user_error(error)
+            if found is None:
+                raise
+            print(f"nulltext: error: {found}", file=sys.stderr)
             sys.exit(2)
 
     return wrapped
