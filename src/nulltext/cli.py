@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from nulltext.editing.cli import attention_app, edit_app
 from nulltext.errors import NulltextError
 
 log = logging.getLogger("nulltext")
@@ -146,7 +147,7 @@ def reconstruct_app(cfg: DictConfig) -> None:
     _report_errors(run_reconstruction)(cfg)
 
 
-SUBCOMMANDS = {"reconstruct": reconstruct_app}
+SUBCOMMANDS = {"reconstruct": reconstruct_app, "edit": edit_app, "attention": attention_app}
 
 
 def main() -> None:

@@ -44,7 +44,6 @@ from nulltext.editing.tokens import (
     context_length,
     refinement_mapper,
     replacement_mapper,
-    require_word_positions,
     word_positions,
 )
 
@@ -437,8 +436,10 @@ class LocalBlend(AttentionController):
         super().prepare(prompts, tokenizer, num_steps, latent_shape)
         self.word_weights = torch.zeros(self.num_prompts, context_length(tokenizer))
         for p, (prompt, words) in enumerate(zip(self.prompts, self._words_per_prompt())):
-            for word in words:
-                self.word_weights[p, require_word_positions(tokenizer, prompt, word, "blend_words")] = 1.0
+            positions = [i for word in words for i in word_positions(tokenizer, prompt, word)]
+            if not positions:
+                raise EditError(f"blend_words: none of {words} is in the prompt {prompt!r}")
+            self.word_weights[p, positions] = 1.0
         self.start_step = int(self.start * num_steps)
         self.sums: dict[int, Tensor] = {}
         self.current: dict[int, list[Tensor]] = {}

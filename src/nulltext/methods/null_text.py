@@ -142,7 +142,7 @@ class RandomCaptionNullText(NullTextInversion):
         self._pool: list[str] = []
 
     def prepare(self, captions: Sequence[str]) -> None:
-        self._pool = sorted(set(captions))
+        self._pool = sorted({c for c in captions if c.strip()})
 
     def inversion_prompts(self, prompts: list[str], seeds: list[int]) -> list[str]:
         chosen = []

@@ -1,0 +1,256 @@
+"""``nulltext edit`` and ``nulltext attention``: Hydra apps over ``conf/edit.yaml`` / ``conf/attention.yaml``.
+
+    nulltext edit artifact=<run>/inversions/<id>.safetensors prompts='["a photo of a dog"]'
+    nulltext edit image=cat.jpg caption="a photo of a cat" prompts='["a photo of a dog"]' blend_words='[cat,dog]'
+    nulltext edit artifact=... prompts='["a photo of a fluffy cat"]' mode=refine
+    nulltext edit artifact=... prompts='["a photo of a cat"]' mode=reweight reweight='{cat: 2.0}'
+    nulltext edit artifact=... prompts='["a photo of a dog"]' mode=sdedit strength=0.5
+    nulltext attention artifact=... [prompt="a photo of a cat"]
+
+The task functions :func:`run_edit` and :func:`run_attention` take a composed config and are what
+tests call. Heavy imports happen inside them, so ``nulltext.cli`` stays cheap to import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+SETTING_KEYS = (
+    "mode",
+    "cross_replace",
+    "self_replace",
+    "reweight",
+    "blend_words",
+    "blend_threshold",
+    "blend_start",
+    "self_replace_max_tokens",
+    "strength",
+)
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _device(cfg: DictConfig):
+    import torch
+
+    name = cfg.get("device", "auto") or "auto"
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _diffusion_from_record(record: dict, device):
+    from hydra.utils import instantiate
+
+    from nulltext.editing.errors import EditError
+
+    missing = [k for k in ("model_config", "diffusion_config") if k not in record]
+    if missing:
+        raise EditError(f"the artifact does not record {' and '.join(missing)}; re-create it with `nulltext` (the runner writes them)")
+    pipe = instantiate(record["model_config"]).to(device)
+    return instantiate(record["diffusion_config"], pipe=pipe)
+
+
+def _load_source(cfg: DictConfig, output_dir: Path):
+    """(diffusion, inversion, record, input image uint8 [3,H,W] or None, description of the source)."""
+    from hydra.utils import instantiate
+
+    from nulltext.api import invert
+    from nulltext.artifacts import load_artifact, save_artifact
+    from nulltext.data import load_image
+    from nulltext.editing.errors import EditError
+    from nulltext.models import pipeline_resolution
+    from nulltext.provenance import provenance
+
+    device = _device(cfg)
+    if cfg.get("artifact"):
+        inversion, record = load_artifact(cfg.artifact)
+        diffusion = _diffusion_from_record(record, device)
+        image = load_image(cfg.image, pipeline_resolution(diffusion.pipe)) if cfg.get("image") else None
+        return diffusion, inversion, record, image, {"artifact": str(cfg.artifact), "image": cfg.get("image")}
+    if not (cfg.get("image") and cfg.get("caption")):
+        raise EditError("give artifact=<run>/inversions/<id>.safetensors, or image=<file> caption=<text> to invert first")
+    pipe = instantiate(cfg.model).to(device)
+    diffusion = instantiate(cfg.diffusion, pipe=pipe)
+    options = _plain(cfg.get("method_options")) or {}
+    result = invert(
+        pipe,
+        cfg.image,
+        cfg.caption,
+        method=cfg.method,
+        seed=cfg.seed,
+        num_inference_steps=diffusion.schedule.num_steps,
+        guidance_scale=diffusion.guidance_scale,
+        **options,
+    )
+    image_id = Path(str(cfg.image)).stem
+    record = {
+        "id": image_id,
+        "seed": cfg.seed,
+        "method": {"name": cfg.method, **options},
+        "num_inference_steps": diffusion.schedule.num_steps,
+        "inversion_timestep": "target",  # what nulltext.api.invert uses
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "diffusion_config": OmegaConf.to_container(cfg.diffusion, resolve=True),
+        "inversion_metrics": result.metrics,
+        **provenance(),
+    }
+    artifact = save_artifact(output_dir / "inversions" / image_id, result.inversion, record)
+    image = load_image(cfg.image, pipeline_resolution(pipe))
+    return diffusion, result.inversion, record, image, {"image": str(cfg.image), "caption": cfg.caption, "artifact": str(artifact.with_suffix(".safetensors"))}
+
+
+def run_edit(cfg: DictConfig) -> dict:
+    """Edit one inverted image; writes grid.png, reconstruction.png, edits/, masks/, metrics.json, settings.json."""
+    from nulltext.editing.edit import EditSettings, edit
+    from nulltext.editing.errors import EditError
+    from nulltext.editing.metrics import edit_metrics, load_mask
+    from nulltext.editing.visual import grid, slug, to_pil
+    from nulltext.io import atomic_write_json
+    from nulltext.provenance import provenance
+    from nulltext.runner import save_png
+
+    output_dir = Path(cfg.paths.output_dir)
+    prompts = _plain(cfg.prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if not prompts:
+        raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
+    settings = EditSettings.from_dict({k: _plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
+    diffusion, inversion, record, image, source = _load_source(cfg, output_dir)
+    out = edit(diffusion, inversion, prompts, settings)
+
+    size = tuple(out.images.shape[-2:])
+    if cfg.get("mask"):
+        region, mask_source = load_mask(cfg.mask, size), f"file: {cfg.mask}"
+    elif out.masks is not None:
+        region, mask_source = out.masks, "local_blend"
+    else:
+        region, mask_source = None, "none"
+    metrics = {
+        "method": (record.get("method") or {}).get("name", "unknown"),
+        "mode": settings.mode,
+        "source_prompt": out.prompts[0],
+        **source,
+        **edit_metrics(
+            out.images,
+            out.prompts,
+            input_image=image,
+            edited_region=region,
+            mask_source=mask_source,
+            lpips_net=cfg.lpips_net,
+            footprint_threshold=cfg.footprint_threshold,
+            clip_model=cfg.get("clip_model"),
+        ),
+        **provenance(),
+    }
+
+    panels = ([to_pil(image)] if image is not None else []) + [to_pil(x) for x in out.images]
+    labels = (["input"] if image is not None else []) + ["reconstruction", *prompts]
+    save_png(output_dir / "grid.png", grid(panels, labels))
+    save_png(output_dir / "reconstruction.png", to_pil(out.images[0]))
+    edit_files = []
+    for k, prompt in enumerate(prompts):
+        name = f"{k + 1:02d}_{slug(prompt)}.png"
+        save_png(output_dir / "edits" / name, to_pil(out.images[k + 1]))
+        edit_files.append(f"edits/{name}")
+        if out.masks is not None:
+            mask = (out.masks[k, 0] * 255).to(dtype=out.images.dtype)
+            save_png(output_dir / "masks" / name, to_pil(mask.expand(3, -1, -1)))
+    for entry, path in zip(metrics["edits"], edit_files):
+        entry["file"] = path
+    atomic_write_json(
+        output_dir / "settings.json",
+        {
+            **source,
+            "source_prompt": out.prompts[0],
+            "prompts": prompts,
+            "edit": {**settings.to_dict(), **out.settings},
+            "num_inference_steps": diffusion.schedule.num_steps,
+            "mask": cfg.get("mask"),
+            "lpips_net": cfg.lpips_net,
+            "footprint_threshold": cfg.footprint_threshold,
+            "clip_model": cfg.get("clip_model"),
+            "model_config": record.get("model_config"),
+            "diffusion_config": record.get("diffusion_config"),
+            "inversion_method": record.get("method"),
+            "config": {k: _plain(v) for k, v in cfg.items() if k != "hydra"},
+        },
+    )
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    print(f"edits: {output_dir / 'grid.png'}")
+    return metrics
+
+
+def run_attention(cfg: DictConfig) -> Path:
+    """Average cross-attention map of every token of a prompt, as a labelled grid (attention.png)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from nulltext.artifacts import load_artifact
+    from nulltext.editing.attention import AttentionStore
+    from nulltext.editing.edit import edit
+    from nulltext.editing.tokens import token_texts
+    from nulltext.editing.visual import attention_tile, grid, to_pil
+    from nulltext.io import atomic_write, atomic_write_json
+    from nulltext.provenance import provenance
+    from nulltext.runner import save_png
+
+    output_dir = Path(cfg.paths.output_dir)
+    inversion, record = load_artifact(cfg.artifact)
+    diffusion = _diffusion_from_record(record, _device(cfg))
+    source_prompt = inversion.prompts[0]
+    prompt = cfg.get("prompt") or source_prompt
+    targets = [] if prompt == source_prompt else [prompt]
+    store = AttentionStore()
+    out = edit(diffusion, inversion, targets, store)
+    row = len(out.prompts) - 1
+    queries = int(cfg.resolution) ** 2 if cfg.get("resolution") else None
+    places = list(_plain(cfg.places))
+    maps = store.aggregate(queries=queries, places=places)[row]  # [h, w, L]
+    tokens = token_texts(diffusion.tokenizer, prompt)
+    size = int(cfg.tile_size)
+    tiles = [to_pil(out.images[row]).resize((size, size), Image.Resampling.BICUBIC)] + [attention_tile(maps[:, :, j], size) for j in range(len(tokens))]
+    labels = ["sample" if targets else "reconstruction", *tokens]
+    path = output_dir / "attention.png"
+    save_png(path, grid(tiles, labels, columns=int(cfg.columns)))
+    tensors = {"maps": maps[:, :, : len(tokens)].permute(2, 0, 1).contiguous().cpu()}
+    atomic_write(output_dir / "attention.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(
+        output_dir / "attention.json",
+        {
+            "artifact": str(cfg.artifact),
+            "prompt": prompt,
+            "source_prompt": source_prompt,
+            "tokens": tokens,
+            "map_size": list(maps.shape[:2]),
+            "places": places,
+            "num_steps": store.num_stored_steps,
+            "average": "over heads, layers of this resolution in these places, and all sampling steps",
+            **provenance(),
+        },
+    )
+    print(f"attention: {path}")
+    return path
+
+
+def _report(task):
+    def wrapped(cfg: DictConfig):
+        from nulltext.cli import _report_errors  # late: nulltext.cli imports this module
+
+        return _report_errors(task)(cfg)
+
+    return wrapped
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="edit")
+def edit_app(cfg: DictConfig) -> None:
+    _report(run_edit)(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
+def attention_app(cfg: DictConfig) -> None:
+    _report(run_attention)(cfg)
