@@ -615,6 +615,16 @@ _SHAPE_AREAS = torch.tensor(  # unit areas (r = 1)
     dtype=torch.float64,
 )
 _TEMPLATE_PHASES = 8  # the checker places templates to 1/8 pixel
+# The checker fits each shape at 11 radii, a geometric grid with 4 steps from small to large
+# (about 11% apart), from 0.64 x small to 1.25 x large, so blurred, eroded or in-between sizes
+# still match their shape; the best radius gives the size (small below sqrt(small * large)).
+_SCALE_STEP = (SIZE_RADII["large"] / SIZE_RADII["small"]) ** 0.25
+_TEMPLATE_SCALES: tuple[float, ...] = tuple(
+    SIZE_RADII["small"] * _SCALE_STEP**i for i in range(-4, 7)
+)
+_SCALE_SIZE = torch.tensor(
+    [0 if r < math.sqrt(SIZE_RADII["small"] * SIZE_RADII["large"]) - 1e-9 else 1 for r in _TEMPLATE_SCALES]
+)
 _SHAPE_CENTROID_DY = torch.tensor(  # centroid minus box centre, unit y (triangle: below)
     [0.0, 0.0, 1.0 / (2 * _SQRT3), 0.0, 0.0, 0.0], dtype=torch.float64
 )
@@ -1113,9 +1123,9 @@ class SceneChecker:
         top_label = top_label.view(b, k, k)
         top_c = top_c.view(b, k, k, 2)
 
-        radius = _RADII.to(device)[layout.size.to(device)].float()  # [B, slots]
         shape = layout.shape.to(device)
-        need = self.min_area * _SHAPE_AREAS.to(device)[shape].float() * (radius * res) ** 2
+        small = float(SIZE_RADII["small"]) * res  # the colour test does not judge size
+        need = self.min_area * _SHAPE_AREAS.to(device)[shape].float() * small**2
         expected = _CENTRES.to(device)[layout.position.to(device)].float()  # [B, slots, 2]
 
         # Region choice: candidate 0 (the largest component) for objects of a unique colour;
@@ -1168,10 +1178,11 @@ class SceneChecker:
         if idx.numel():
             iou = self._template_iou(
                 labels.view(b, k, res, res), idx, region_label, region_area, region_c, res
-            )  # [N, shapes * sizes]
-            best, arg = iou.max(dim=1)
-            found_shape[idx[:, 0], idx[:, 1]] = arg // _N_SIZES
-            found_size[idx[:, 0], idx[:, 1]] = arg % _N_SIZES
+            )  # [N, shapes, scales]
+            best, arg = iou.flatten(1).max(dim=1)
+            scale = arg % len(_TEMPLATE_SCALES)
+            found_shape[idx[:, 0], idx[:, 1]] = arg // len(_TEMPLATE_SCALES)
+            found_size[idx[:, 0], idx[:, 1]] = _SCALE_SIZE.to(device)[scale]
             best_iou[idx[:, 0], idx[:, 1]] = best
 
         centroid = torch.where(found[..., None], region_c, torch.nan)
@@ -1190,15 +1201,16 @@ class SceneChecker:
         )
 
     def _template_bank(self, res: int, device: torch.device) -> tuple[torch.Tensor, int]:
-        """Coverage templates of every shape and size, ``[12, P+1, P+1, S, S]`` (shape-major),
-        with the template's centroid placed at sub-pixel offsets ``(q / P - 0.5)`` pixels
-        (``P = 8``) from the centre pixel of an ``S x S`` window; cached per resolution."""
+        """Coverage templates ``[shapes, scales, P+1, P+1, S, S]`` of every shape at every
+        :data:`_TEMPLATE_SCALES` radius, the template's centroid placed at sub-pixel offsets
+        ``(q / P - 0.5)`` pixels (``P = 8``) from the centre pixel of an ``S x S`` window;
+        cached per resolution and device."""
         key = (res, str(device))
         cache = self.__dict__.setdefault("_banks", {})
         if key in cache:
             return cache[key]
         phases = _TEMPLATE_PHASES
-        half = math.ceil((1 + 0.3) * SIZE_RADII["large"] * res) + 2
+        half = math.ceil((1 + 0.3) * max(_TEMPLATE_SCALES) * res) + 2
         side = 2 * half + 1
         grid = (torch.arange(side, device=device, dtype=torch.float32) - half) / res
         shift = (torch.arange(phases + 1, device=device, dtype=torch.float32) / phases - 0.5) / res
@@ -1207,10 +1219,9 @@ class SceneChecker:
         m = qx.numel()
         x = grid[None, None, :].expand(m, side, side)
         y = grid[None, :, None].expand(m, side, side)
-        bank = []
+        bank = torch.empty(_N_SHAPES, len(_TEMPLATE_SCALES), phases + 1, phases + 1, side, side, device=device)
         for s in range(_N_SHAPES):
-            for z in range(_N_SIZES):
-                r = float(_RADII[z])
+            for z, r in enumerate(_TEMPLATE_SCALES):
                 cov = _coverage(
                     torch.full((m,), s, dtype=torch.long, device=device),
                     qx,
@@ -1220,8 +1231,9 @@ class SceneChecker:
                     y,
                     res,
                 )
-                bank.append(cov.view(phases + 1, phases + 1, side, side))
-        cache[key] = (torch.stack(bank), half)
+                bank[s, z] = cov.view(phases + 1, phases + 1, side, side)
+        bank = bank.flatten(0, 1)  # [shapes * scales, P+1, P+1, S, S]
+        cache[key] = (bank, bank.sum(dim=(-2, -1)), half)
         return cache[key]
 
     def _template_iou(
@@ -1233,10 +1245,10 @@ class SceneChecker:
         region_c: torch.Tensor,
         res: int,
     ) -> torch.Tensor:
-        """IoU ``[N, 12]`` of each found region (``idx``: ``[N, 2]`` image, slot) with the
-        templates centred on its centroid (to 1/8 pixel)."""
+        """IoU ``[N, shapes, scales]`` of each found region (``idx``: ``[N, 2]`` image, slot)
+        with the templates centred on its centroid (to 1/8 pixel)."""
         device = labels.device
-        bank, half = self._template_bank(res, device)
+        bank, bank_sums, half = self._template_bank(res, device)
         bi, sj = idx[:, 0], idx[:, 1]
         cent = region_c[bi, sj] * res - 0.5  # [N, 2] pixel coordinates of the centroid
         label = region_label[bi, sj].float()
@@ -1256,7 +1268,12 @@ class SceneChecker:
         ]
         inside = inside_r[:, :, None] & inside_c[:, None, :]
         region = ((window == label[:, None, None]) & inside).float()  # [N, S, S]
-        templates = bank[:, q[:, 1], q[:, 0]]  # [12, N, S, S]
-        inter = (templates * region[None]).sum(dim=(2, 3))  # [12, N]
-        union = area[None] + templates.sum(dim=(2, 3)) - inter
-        return (inter / union.clamp(min=1e-6)).T
+        n = idx.shape[0]
+        inter = torch.empty(bank.shape[0], n, device=device)
+        for i in range(0, n, 64):  # bounded memory: [templates, 64, S, S] at a time
+            sl = slice(i, i + 64)
+            templates = bank[:, q[sl, 1], q[sl, 0]]
+            inter[:, sl] = (templates * region[None, sl]).sum(dim=(2, 3))
+        union = area[None] + bank_sums[:, q[:, 1], q[:, 0]] - inter
+        iou = (inter / union.clamp(min=1e-6)).T
+        return iou.view(n, _N_SHAPES, len(_TEMPLATE_SCALES))

@@ -159,8 +159,12 @@ class ControllerGroup(AttentionController):
         return probs
 
     def find(self, kind: type) -> AttentionController | None:
-        """The first controller of a type (e.g. the LocalBlend, for its mask)."""
-        return next((c for c in self.controllers if isinstance(c, kind)), None)
+        """The first controller of a type, searching nested groups (e.g. the LocalBlend, for its mask)."""
+        for c in self.controllers:
+            found = c if isinstance(c, kind) else c.find(kind) if isinstance(c, ControllerGroup) else None
+            if found is not None:
+                return found
+        return None
 
 
 class AttentionStore(AttentionController):

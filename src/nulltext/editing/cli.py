@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
 SETTING_KEYS = (
     "mode",
     "cross_replace",
@@ -109,7 +110,7 @@ def run_edit(cfg: DictConfig) -> dict:
     from nulltext.editing.edit import EditSettings, edit
     from nulltext.editing.errors import EditError
     from nulltext.editing.metrics import edit_metrics, load_mask
-    from nulltext.editing.visual import grid, slug, to_pil
+    from nulltext.editing.visual import enlarge, grid, slug, to_pil
     from nulltext.io import atomic_write_json
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
@@ -148,7 +149,7 @@ def run_edit(cfg: DictConfig) -> dict:
         **provenance(),
     }
 
-    panels = ([to_pil(image)] if image is not None else []) + [to_pil(x) for x in out.images]
+    panels = [enlarge(to_pil(x), GRID_MIN_SIDE) for x in ([image] if image is not None else []) + list(out.images)]
     labels = (["input"] if image is not None else []) + ["reconstruction", *prompts]
     save_png(output_dir / "grid.png", grid(panels, labels))
     save_png(output_dir / "reconstruction.png", to_pil(out.images[0]))

@@ -216,7 +216,7 @@ def edit(
         with attention_control(diffusion.unet, controller):
             latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller)
     images = to_uint8(diffusion.decode(latents))
-    blend = controller.find(LocalBlend) if isinstance(controller, ControllerGroup) else controller if isinstance(controller, LocalBlend) else None
+    blend = ControllerGroup(controller).find(LocalBlend) if controller is not None else None
     latent_masks = masks = None
     if blend is not None and blend.mask is not None:
         latent_masks = blend.mask[1:].cpu()

@@ -9,7 +9,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-LABEL_HEIGHT = 16
 PAD = 2
 
 
@@ -31,14 +30,29 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + ".."
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
 def labelled(image: Image.Image, label: str) -> Image.Image:
     """``image`` with ``label`` written on a white strip underneath (shortened to fit)."""
-    font = ImageFont.load_default()
-    out = Image.new("RGB", (image.width, image.height + LABEL_HEIGHT), "white")
+    size = max(10, min(20, image.width // 16))
+    font = _font(size)
+    strip = size + 6
+    out = Image.new("RGB", (image.width, image.height + strip), "white")
     out.paste(image.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(out)
-    draw.text((PAD, image.height + 1), _fit(draw, label, font, image.width - 2 * PAD), fill="black", font=font)
+    draw.text((PAD, image.height + 2), _fit(draw, label, font, image.width - 2 * PAD), fill="black", font=font)
     return out
+
+
+def enlarge(image: Image.Image, min_side: int) -> Image.Image:
+    """Nearest-neighbour upscale by an integer factor so small (e.g. 64 px test) images stay readable in grids."""
+    factor = max(1, -(-min_side // max(image.width, image.height)))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def grid(tiles: Sequence[Image.Image], labels: Sequence[str] | None = None, columns: int | None = None) -> Image.Image:
