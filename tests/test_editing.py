@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from helpers import composed
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -44,6 +43,16 @@ DIFFUSION_CONFIG = {"_target_": "nulltext.diffusion.Diffusion", "num_inference_s
 # Latents of rows computed in batches of different sizes (and SDPA vs explicit attention) agree to
 # float rounding only; a real edit moves latents by O(0.1-1).
 LATENT_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model's ops are too small to gain from threads, and on shared cores OpenMP's waiting
+    threads slow them down several times (measured: 10 s with one thread, 70 s with two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +149,18 @@ def test_token_mappers(tiny_pipe):
         replacement_mapper(tok, SOURCE, "a photo of a fluffy cat")
 
 
+def test_cross_attention_windows_per_word(tiny_pipe):
+    from nulltext.editing.attention import cross_replace_alphas
+
+    alphas = cross_replace_alphas(tiny_pipe.tokenizer, [SOURCE, "a photo of a dog"], STEPS, {"dog": 0.3, "default_": 0.8})
+    assert alphas.shape == (STEPS, 1, 77)
+    assert alphas[:, 0, 5].tolist() == [1] * 3 + [0] * 7  # "dog" (position 5): 30 % of the steps
+    assert alphas[:, 0, 2].tolist() == [1] * 8 + [0] * 2  # every other token: the default 80 %
+    assert cross_replace_alphas(tiny_pipe.tokenizer, [SOURCE, SOURCE], STEPS, (0.2, 0.5))[:, 0, 0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    with pytest.raises(EditError):
+        cross_replace_alphas(tiny_pipe.tokenizer, [SOURCE, "a photo of a dog"], STEPS, {"zebra": 0.3})
+
+
 # ---------------------------------------------------------------------------------- identities
 @pytest.mark.parametrize("name", ["identity_replace", "identity_refine"])
 def test_replacing_a_prompt_by_itself_reproduces_the_reconstruction(edits, recon, name):
@@ -148,6 +169,41 @@ def test_replacing_a_prompt_by_itself_reproduces_the_reconstruction(edits, recon
     for row in range(out.images.shape[0]):
         assert torch.allclose(out.latents[row], recon.latents[0], atol=LATENT_ATOL), row
         assert (out.images[row].int() - recon.images[0].int()).abs().max() <= 1, row
+
+
+class Probe(AttentionController):
+    """Records the conditional half's cross-attention as the controllers before it left it."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = {}
+
+    def observe(self, attn, is_cross, place):
+        if is_cross:
+            self.maps.setdefault(self.step, []).append(attn.clone())
+
+
+@pytest.mark.parametrize("mode,target", [("replace", "a photo of a dog"), ("refine", "a photo of a fluffy cat")])
+def test_cross_attention_is_injected_inside_its_window(diffusion, inversion, mode, target):
+    probe = Probe()
+    main = build_controller(EditSettings(mode=mode, cross_replace=0.5, self_replace=0.0))
+    edit(diffusion, inversion, [target], ControllerGroup(main, probe))
+    tok = diffusion.tokenizer
+    if mode == "replace":
+        inject = lambda source: source @ replacement_mapper(tok, SOURCE, target)  # noqa: E731
+        columns = torch.ones(77, dtype=torch.bool)
+    else:
+        mapper, aligned = refinement_mapper(tok, SOURCE, target)
+        inject = lambda source: source[..., mapper]  # noqa: E731
+        columns = aligned.bool()  # unaligned ("fluffy") keeps the target's own map
+    assert sorted(probe.maps) == list(range(STEPS))
+    for step, layers in probe.maps.items():
+        for attn in layers:
+            expected, got = inject(attn[0])[..., columns], attn[1][..., columns]
+            if step < STEPS // 2:
+                assert torch.allclose(got, expected, atol=1e-6), step
+            else:
+                assert not torch.equal(got, expected), step
 
 
 def test_reweight_of_one_is_a_noop(edits):
@@ -288,13 +344,6 @@ def test_edit_metrics_measure_only_the_background():
 
 
 # ---------------------------------------------------------------------------------- CLI
-def _compose(name, tmp_path, overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(name, overrides=[*overrides, f"paths.output_dir={tmp_path}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 def test_cli_edit_and_attention(artifact, tmp_path):
     from nulltext.cli import SUBCOMMANDS
     from nulltext.editing.cli import run_attention, run_edit
@@ -302,8 +351,9 @@ def test_cli_edit_and_attention(artifact, tmp_path):
     assert {"edit", "attention"} <= set(SUBCOMMANDS)
     path, _ = artifact
     prompts = ["a photo of a dog", "a photo of a tiger"]
-    cfg = _compose("edit", tmp_path / "edit", [f"artifact={path}", f"prompts={json.dumps(prompts)}", "blend_words=[cat,[dog,tiger]]", "blend_threshold=0.9"])
-    metrics = run_edit(cfg)
+    overrides = [f"artifact={path}", f"prompts={json.dumps(prompts)}", "blend_words=[cat,[dog,tiger]]", "blend_threshold=0.9"]
+    with composed("edit", overrides, tmp_path / "edit") as cfg:
+        metrics = run_edit(cfg)
     out = tmp_path / "edit"
     grid = Image.open(out / "grid.png")
     assert grid.width >= 3 * 256  # reconstruction | 2 edits, enlarged to 256
@@ -320,16 +370,41 @@ def test_cli_edit_and_attention(artifact, tmp_path):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["prompts"] == prompts and settings["source_prompt"] == SOURCE and settings["edit"]["mode"] == "replace"
 
-    cfg = _compose("attention", tmp_path / "attention", [f"artifact={path}", "tile_size=64"])
-    run_attention(cfg)
+    with composed("attention", [f"artifact={path}", "tile_size=64"], tmp_path / "attention") as cfg:
+        run_attention(cfg)
     info = json.loads((tmp_path / "attention" / "attention.json").read_text())
     assert info["tokens"] == ["<|startoftext|>", "a", "photo", "of", "a", "cat", "<|endoftext|>"]
     assert Image.open(tmp_path / "attention" / "attention.png").width == 8 * 64 + 7 * 2  # picture + 7 tokens
 
 
+def test_cli_edit_inverts_an_image_first_and_runs_sdedit(sample_images, tmp_path):
+    from nulltext.editing.cli import run_edit
+
+    image = tmp_path / "cat.png"
+    Image.fromarray(sample_images[0].permute(1, 2, 0).numpy()).save(image)
+    overrides = [
+        f"image={image}",
+        f"caption={SOURCE!r}",
+        "method_options={num_inner_steps: 1}",
+        "diffusion.num_inference_steps=4",
+        'prompts=["a photo of a dog"]',
+        "mode=sdedit",
+        "strength=0.5",
+    ]
+    with composed("edit", overrides, tmp_path / "out") as cfg:
+        metrics = run_edit(cfg)
+    out = tmp_path / "out"
+    assert (out / "inversions" / "cat.safetensors").exists() and (out / "inversions" / "cat.json").exists()
+    assert Image.open(out / "grid.png").width == 3 * 256 + 2 * 2  # input | reconstruction | edit
+    edit_entry = metrics["edits"][0]
+    assert edit_entry["background_vs_input"] is not None and metrics["mask"] == "none"
+    assert "psnr" in metrics["reconstruction_vs_input"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["edit"]["mode"] == "sdedit" and settings["edit"]["start_step"] == 2
+
+
 def test_cli_edit_needs_a_source(tmp_path):
     from nulltext.editing.cli import run_edit
 
-    cfg = _compose("edit", tmp_path, ['prompts=["a photo of a dog"]'])
-    with pytest.raises(EditError, match="artifact="):
+    with composed("edit", ['prompts=["a photo of a dog"]'], tmp_path) as cfg, pytest.raises(EditError, match="artifact="):
         run_edit(cfg)

@@ -6,6 +6,7 @@ Both are Hydra apps over the configs in ``conf/``. The task functions (:func:`ru
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -86,9 +87,11 @@ def run_inversion(cfg: DictConfig) -> dict:
         for logger in loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.finish()
-    print(format_table([module.metrics]))
+    # Read back what rank 0 wrote: with spawned DDP processes this process's module saw no results.
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    print(format_table([metrics]))
     print(f"outputs: {output_dir}")
-    return module.metrics
+    return metrics
 
 
 def run_reconstruction(cfg: DictConfig) -> Path:
@@ -106,8 +109,6 @@ class SummaryTable(Callback):
     """After a multirun, print one table row per job from the jobs' metrics.json files."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        import json
-
         rows = [json.loads(p.read_text()) for p in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json"))]
         if rows:
             print(format_table(rows))

@@ -8,6 +8,9 @@ inversion artifact, logs PSNR/LPIPS, and at the end writes ``metrics.json`` atom
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import math
 import time
@@ -35,6 +38,11 @@ def image_row(*images: torch.Tensor) -> Image.Image:
 
 def save_png(path: Path, image: Image.Image) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def standard_normal_log_likelihood(z: torch.Tensor) -> float:
+    """Mean log-density per dimension of ``z`` under N(0, I), in nats (paper Fig. 9's z_T likelihood)."""
+    return (-0.5 * (z.double().pow(2) + math.log(2 * math.pi))).mean().item()
 
 
 def mean_or_nan(values: list[float]) -> float:
@@ -80,31 +88,61 @@ class InversionModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         self.method.prepare(datamodule.captions if datamodule is not None else [])
 
-    def artifact_metadata(self, image_id: str, seed: int) -> dict:
+    @functools.cached_property
+    def config_hash(self) -> str:
+        """Identifies everything that determines an image's result, for resuming interrupted runs."""
+        key = {k: self.record.get(k) for k in ("model_config", "diffusion_config", "resolution")}
+        key.update(method=self.method.config(), seed=self.seed, lpips=self.lpips_net)
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def finished_result(self, image_id: str, caption: str) -> dict | None:
+        """The stored result of an image already inverted with this exact configuration, if any."""
+        path = self.output_dir / "inversions" / f"{image_id}.json"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        result = record.get("result")
+        if record.get("config_hash") != self.config_hash or result is None or result.get("caption") != caption:
+            return None
+        return result
+
+    def artifact_metadata(self, image_id: str, seed: int, result: dict) -> dict:
         d = self.diffusion
         return {
             "id": image_id,
             "seed": seed,
+            "config_hash": self.config_hash,
             "method": self.method.config(),
             "num_inference_steps": d.schedule.num_steps,
             "inversion_timestep": d.inversion_timestep,
             "scheduler": dict(d.pipe.scheduler.config),
             **self.record,
             **provenance(),
+            "result": result,
         }
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         for failure in batch["failures"]:
             log.error("image %s failed: %s", failure["id"], failure["error"])
             self.results.append({"id": failure["id"], "status": "failed", "error": failure["error"]})
-        if not batch["ids"]:
-            return
-        ids, captions, images = batch["ids"], batch["captions"], batch["images"].to(self.device)
+        todo = []
+        for b, (image_id, caption) in enumerate(zip(batch["ids"], batch["captions"])):
+            done = self.finished_result(image_id, caption)
+            if done is None:
+                todo.append(b)
+            else:
+                log.info("image %s: reusing the stored result (same config hash %s)", image_id, self.config_hash)
+                self.results.append(done)
+        if todo:
+            self.invert_batch([batch["ids"][b] for b in todo], [batch["captions"][b] for b in todo], batch["images"][todo])
+
+    def invert_batch(self, ids: list[str], captions: list[str], images: torch.Tensor) -> None:
+        images = images.to(self.device)
         seeds = [image_seed(self.seed, i) for i in ids]
         z0 = self.diffusion.encode_images(images)
         start = time.perf_counter()
         with torch.enable_grad():
-            inversion = self.method.invert(self.diffusion, z0, list(captions), seeds)
+            inversion = self.method.invert(self.diffusion, z0, captions, seeds)
         seconds = (time.perf_counter() - start) / len(ids)
         recon = reconstruct(self.diffusion, inversion)
         vae_images = to_uint8(self.diffusion.decode(z0))
@@ -121,8 +159,6 @@ class InversionModule(L.LightningModule):
         if inversion.pivot is not None and recon.trajectory is not None:
             errors = latent_errors(recon.trajectory, inversion.pivot)
         for b, image_id in enumerate(ids):
-            save_png(self.output_dir / "images" / f"{image_id}.png", image_row(images[b], vae_images[b], recon.images[b]))
-            save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b]))
             result = {
                 "id": image_id,
                 "status": "ok",
@@ -135,16 +171,20 @@ class InversionModule(L.LightningModule):
                 "seconds": seconds,
                 **{k: v[b].item() for k, v in extra.items()},
             }
+            if inversion.uncond is not None:
+                result["z_T_log_likelihood"] = standard_normal_log_likelihood(inversion.z_T[b])
             if errors is not None:
-                timesteps = self.diffusion.timesteps
-                result["latent_error"] = {"timesteps": [*timesteps, 0], "mse": errors[b].tolist()}
+                result["latent_error"] = {"timesteps": [*self.diffusion.timesteps, 0], "mse": errors[b].tolist()}
             for name, curve in inversion.curves.items():
                 result[name] = curve[b]
+            save_png(self.output_dir / "images" / f"{image_id}.png", image_row(images[b], vae_images[b], recon.images[b]))
+            # The artifact's JSON is written last: its presence marks the image as complete.
+            save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b], result))
             self.results.append(result)
             self.log_image(result, images[b], recon.images[b])
         for key, values in {"psnr": psnr, "lpips": lpips, "vae_psnr": vae_psnr, **extra}.items():
-            self.log(f"test/{key}", values.mean(), batch_size=len(ids), on_epoch=True)
-        self.log("test/seconds", seconds, batch_size=len(ids), on_epoch=True)
+            self.log(f"test/{key}", values.mean(), batch_size=len(ids), on_epoch=True, sync_dist=True)
+        self.log("test/seconds", seconds, batch_size=len(ids), on_epoch=True, sync_dist=True)
 
     def log_image(self, result: dict, image: torch.Tensor, reconstruction: torch.Tensor) -> None:
         """Per-image values to every logger (step = image index); pictures and curves to wandb."""
@@ -163,7 +203,20 @@ class InversionModule(L.LightningModule):
                 payload[f"latent_error/{result['id']}"] = wandb.plot.line(table, "timestep", "latent mse", title=f"latent error {result['id']}")
             logger.experiment.log(payload)
 
+    def gathered_results(self) -> list[dict]:
+        """Every rank's results once each, in dataset order (DDP pads shards by repeating images)."""
+        results = self.results
+        if self.trainer.world_size > 1:
+            shards: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(shards, results)
+            results = [r for shard in shards for r in shard]
+        unique = {r["id"]: r for r in reversed(results)}
+        datamodule = self.trainer.datamodule
+        order = {image_id: i for i, image_id in enumerate(datamodule.ids)} if datamodule is not None else {}
+        return sorted(unique.values(), key=lambda r: order.get(r["id"], len(order)))
+
     def on_test_epoch_end(self) -> None:
+        self.results = self.gathered_results()
         ok = [r for r in self.results if r["status"] == "ok"]
         self.metrics = {
             "method": self.method.name,

@@ -116,7 +116,7 @@ def run_edit(cfg: DictConfig) -> dict:
     from nulltext.runner import save_png
 
     output_dir = Path(cfg.paths.output_dir)
-    prompts = _plain(cfg.prompts)
+    prompts = None if OmegaConf.is_missing(cfg, "prompts") else _plain(cfg.prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if not prompts:
         raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
@@ -194,6 +194,7 @@ def run_attention(cfg: DictConfig) -> Path:
     from nulltext.artifacts import load_artifact
     from nulltext.editing.attention import AttentionStore
     from nulltext.editing.edit import edit
+    from nulltext.editing.errors import EditError
     from nulltext.editing.tokens import token_texts
     from nulltext.editing.visual import attention_tile, grid, to_pil
     from nulltext.io import atomic_write, atomic_write_json
@@ -201,6 +202,8 @@ def run_attention(cfg: DictConfig) -> Path:
     from nulltext.runner import save_png
 
     output_dir = Path(cfg.paths.output_dir)
+    if OmegaConf.is_missing(cfg, "artifact") or not cfg.artifact:
+        raise EditError("give artifact=<run>/inversions/<id>.safetensors")
     inversion, record = load_artifact(cfg.artifact)
     diffusion = _diffusion_from_record(record, _device(cfg))
     source_prompt = inversion.prompts[0]

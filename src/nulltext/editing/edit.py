@@ -77,6 +77,8 @@ class EditSettings:
             raise EditError("mode=reweight needs reweight={word: factor}")
         if not 0.0 <= float(self.strength) <= 1.0:
             raise EditError(f"strength must be in [0, 1], not {self.strength}")
+        if self.mode == "sdedit" and (self.blend_words is not None or self.reweight):
+            raise EditError("mode=sdedit uses no attention control: drop blend_words and reweight, or pick another mode")
         if not 0.0 <= float(self.blend_start) <= 1.0:
             raise EditError(f"blend_start must be in [0, 1], not {self.blend_start}")
 

@@ -92,13 +92,6 @@ def word_positions(tokenizer, prompt: str, word: str | int) -> list[int]:
     return out
 
 
-def require_word_positions(tokenizer, prompt: str, word: str | int, what: str) -> list[int]:
-    positions = word_positions(tokenizer, prompt, word)
-    if not positions:
-        raise EditError(f"{what}: word {word!r} is not in the prompt {prompt!r}")
-    return positions
-
-
 # -- word replacement -------------------------------------------------------------------------
 def replacement_mapper(tokenizer, source: str, target: str) -> Tensor:
     """``M`` [L, L] with ``target_attention = source_attention @ M`` for a word-swap edit.

@@ -6,6 +6,7 @@ from nulltext.methods.baselines import DDIMInversion, NegativePromptInversion, V
 from nulltext.methods.denoising import NullTextNoPivot, TextualInversion
 from nulltext.methods.global_null_text import GlobalNullTextInversion
 from nulltext.methods.null_text import NullTextInversion, RandomCaptionNullText, RandomPivotNullText, TextualInversionPivot
+from nulltext.methods.reference import OfficialNullTextInversion
 
 METHODS: dict[str, type[InversionMethod]] = {
     cls.name: cls
@@ -20,6 +21,7 @@ METHODS: dict[str, type[InversionMethod]] = {
         TextualInversionPivot,
         NullTextNoPivot,
         NegativePromptInversion,
+        OfficialNullTextInversion,
     )
 }
 

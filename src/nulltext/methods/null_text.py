@@ -31,6 +31,8 @@ class NullTextInversion(InversionMethod):
         learning_rate: lr0 (0.01).
         lr_decay: lr at step i is lr0 * (1 - i * lr_decay) (1/100 in the official code).
         early_stop_epsilon, early_stop_slope: the early-stop threshold epsilon + slope * i.
+        pivot_guidance_scale: guidance of the DDIM inversion that makes the pivot (1 in the
+            paper; its Fig. 9 sweeps 1 to 8).
     """
 
     name = "null_text"
@@ -44,18 +46,20 @@ class NullTextInversion(InversionMethod):
         lr_decay: float = 1e-2,
         early_stop_epsilon: float = 1e-5,
         early_stop_slope: float = 2e-5,
+        pivot_guidance_scale: float = 1.0,
         extra_guidance_scales: Sequence[float] = (),
     ):
         super().__init__(extra_guidance_scales)
+        self.pivot_guidance_scale = float(pivot_guidance_scale)
         self.num_inner_steps = int(num_inner_steps)
         self.learning_rate = float(learning_rate)
         self.lr_decay = float(lr_decay)
         self.early_stop_epsilon = float(early_stop_epsilon)
         self.early_stop_slope = float(early_stop_slope)
 
-    def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, seeds: list[int]) -> Tensor:
-        """The trajectory to retrace: DDIM inversion at w = 1 (ALGORITHM.md section 3)."""
-        return diffusion.ddim_inversion(z0, cond)
+    def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, null: Tensor, seeds: list[int]) -> Tensor:
+        """The trajectory to retrace: DDIM inversion, at w = 1 by default (ALGORITHM.md section 3)."""
+        return diffusion.ddim_inversion(z0, cond, null, self.pivot_guidance_scale)
 
     def inversion_prompts(self, prompts: list[str], seeds: list[int]) -> list[str]:
         return prompts
@@ -64,7 +68,7 @@ class NullTextInversion(InversionMethod):
         prompts = self.inversion_prompts(prompts, seeds)
         cond = diffusion.encode_text(prompts)
         null = diffusion.encode_text([""]).expand_as(cond)
-        pivot = self.pivot(diffusion, z0, cond, seeds)
+        pivot = self.pivot(diffusion, z0, cond, null, seeds)
         uncond, cond_steps, iterations = self.optimise(diffusion, pivot, null, cond)
         return Inversion(
             z_T=pivot[:, -1],
@@ -126,7 +130,7 @@ class RandomPivotNullText(NullTextInversion):
 
     name = "random_pivot"
 
-    def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, seeds: list[int]) -> Tensor:
+    def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, null: Tensor, seeds: list[int]) -> Tensor:
         noise = gaussian_like(z0, seeds)
         noised = [diffusion.schedule.add_noise(z0, noise, t) for t in reversed(diffusion.timesteps)]
         return torch.stack([z0, *noised], dim=1)

@@ -1,0 +1,127 @@
+"""The reference engine (the official loop as written) against the fast engine, and its side effects.
+
+``OfficialNullTextInversion`` is the baseline of every speed figure (scripts/bench.py): it must
+compute the same thing as the batched, frozen, SDPA ``NullTextInversion`` (up to float32 rounding
+as Adam amplifies it), really run with unfrozen weights and explicit attention, and leave the
+pipeline exactly as it found it.
+"""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+from nulltext.diffusion import Diffusion
+from nulltext.methods import METHODS, NullTextInversion, OfficialNullTextInversion
+from nulltext.reconstruction import reconstruct
+
+STEPS = 6
+INNER = 3
+PROMPTS = ["an astronaut with a helmet", "a cat lying down"]
+
+
+def assert_float32_noise(actual, expected, rel=1e-3):
+    """Equal up to float32 rounding as Adam amplifies it (see tests/test_null_text.py)."""
+    diff = (actual - expected).abs()
+    assert (diff.norm() / expected.norm()).item() < rel
+    assert diff.max().item() < 0.05
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_pipe, sample_images):
+    diffusion = Diffusion(tiny_pipe, num_inference_steps=STEPS, guidance_scale=7.5)
+    return diffusion, diffusion.encode_images(sample_images[:2])
+
+
+def unet_call_recorder(unet):
+    """A forward hook recording, per UNet call: batch, grad mode, weight state and attention class."""
+    calls = []
+    weight = unet.conv_in.weight
+
+    def hook(module, args, kwargs, output):
+        attn = next(m for m in module.modules() if hasattr(m, "processor"))
+        calls.append(
+            {
+                "batch": output.sample.shape[0],
+                "grad_enabled": torch.is_grad_enabled(),
+                "requires_grad": weight.requires_grad,
+                "weight_grad": weight.grad is not None,
+                "processor": type(attn.processor),
+            }
+        )
+
+    return calls, unet.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("epsilon", [-1.0, 0.05], ids=["early-stop-off", "early-stop-on"])
+def test_fast_engine_equals_reference(latents, epsilon):
+    diffusion, z0 = latents
+    settings = dict(num_inner_steps=INNER, early_stop_epsilon=epsilon)
+    fast = NullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
+    ref = OfficialNullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
+    assert fast.iterations == ref.iterations
+    if epsilon < 0:
+        assert ref.iterations == [STEPS * INNER] * 2
+    assert ref.uncond.shape == fast.uncond.shape == (2, STEPS, 77, 32)
+    assert ref.cond.shape == fast.cond.shape and ref.prompts == fast.prompts
+    assert torch.equal(ref.cond, fast.cond)
+    assert_float32_noise(ref.pivot, fast.pivot, rel=1e-4)
+    for b in range(2):
+        assert_float32_noise(fast.uncond[b], ref.uncond[b])
+    fast_latents, ref_latents = reconstruct(diffusion, fast).latents, reconstruct(diffusion, ref).latents
+    for b in range(2):
+        assert_float32_noise(fast_latents[b], ref_latents[b])
+    # A non-trivial comparison: the optimisation moved the embeddings away from psi("").
+    null = diffusion.encode_text([""])[0]
+    assert (ref.uncond[:, -1] - null).abs().max() > 1e-2
+
+
+def test_reference_runs_unfrozen_with_explicit_attention_and_restores_the_pipeline(latents):
+    diffusion, z0 = latents
+    unet = diffusion.unet
+    before_processors = dict(unet.attn_processors)
+    params = [p for m in (unet, diffusion.vae, diffusion.text_encoder) for p in m.parameters()]
+    before_flags = [p.requires_grad for p in params]
+    assert not any(before_flags), "the fixture pipeline is frozen"
+    # A mixed state must come back as it was too: unfreeze one weight for the duration of the test.
+    probe = unet.conv_out.bias
+    probe.requires_grad_(True)
+    calls, handle = unet_call_recorder(unet)
+    try:
+        with torch.no_grad():  # the reference turns autograd on where the official code has it
+            inversion = OfficialNullTextInversion(num_inner_steps=INNER, early_stop_epsilon=-1.0).invert(
+                diffusion, z0[:1], PROMPTS[:1], [0]
+            )
+        assert probe.requires_grad and probe.grad is None
+    finally:
+        handle.remove()
+        probe.requires_grad_(False)
+    assert inversion.iterations == [STEPS * INNER]
+
+    # The official call pattern, per image: S pivot calls, then per step one conditional call,
+    # N unconditional calls with autograd and one batched [uncond; cond] advance.
+    per_step = [(1, False)] + [(1, True)] * INNER + [(2, False)]
+    assert [(c["batch"], c["grad_enabled"]) for c in calls] == [(1, False)] * STEPS + per_step * STEPS
+    # Unfrozen weights and explicit attention throughout; the weight gradients exist during the loop
+    # (accumulated by every backward, never zeroed, as in the official code).
+    assert all(c["requires_grad"] for c in calls)
+    assert all(c["processor"] is AttnProcessor for c in calls)
+    grad_calls = [c for c in calls if c["grad_enabled"]]
+    assert not grad_calls[0]["weight_grad"] and all(c["weight_grad"] for c in grad_calls[1:])
+
+    # Restored: flags, gradients (dropped: None before), the very same processor objects.
+    assert [p.requires_grad for p in params] == before_flags
+    assert all(p.grad is None for p in params)
+    after = unet.attn_processors
+    assert after.keys() == before_processors.keys()
+    assert all(after[k] is before_processors[k] for k in after)
+
+
+def test_reference_is_registered_and_batch_independent(latents):
+    diffusion, z0 = latents
+    assert METHODS["null_text_reference"] is OfficialNullTextInversion
+    method = OfficialNullTextInversion(num_inner_steps=2, early_stop_epsilon=-1.0)
+    pair = method.invert(diffusion, z0, PROMPTS, [0, 1])
+    single = method.invert(diffusion, z0[1:], PROMPTS[1:], [1])
+    # One image at a time: the second image's result does not depend on the first's presence.
+    assert torch.equal(pair.uncond[1], single.uncond[0])
+    assert torch.equal(pair.z_T[1], single.z_T[0])
