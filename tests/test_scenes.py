@@ -45,11 +45,6 @@ from nulltext.scenes import (
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
 @pytest.fixture(scope="module")
 def checker() -> SceneChecker:
     return SceneChecker()

@@ -23,10 +23,10 @@ from PIL import Image
 from nulltext.artifacts import save_artifact
 from nulltext.diffusion import Diffusion
 from nulltext.io import atomic_write, atomic_write_json
-from nulltext.methods import InversionMethod, image_seed
+from nulltext.methods import Inversion, InversionMethod, image_seed
 from nulltext.metrics import load_lpips, lpips_per_image, psnr_per_image
 from nulltext.provenance import provenance
-from nulltext.reconstruction import latent_errors, reconstruct, to_uint8
+from nulltext.reconstruction import Reconstruction, latent_errors, reconstruct, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +138,35 @@ class InversionModule(L.LightningModule):
 
     def invert_batch(self, ids: list[str], captions: list[str], images: torch.Tensor) -> None:
         images = images.to(self.device)
+        target = images.float() / 255
         seeds = [image_seed(self.seed, i) for i in ids]
         z0 = self.diffusion.encode_images(images)
+        curves: list[list[dict]] = [[] for _ in ids]
+        evaluation_seconds = 0.0
+
+        def evaluate(inversion: Inversion, seconds: float) -> tuple[torch.Tensor, torch.Tensor, Reconstruction]:
+            """Reconstruct and score; every evaluation is also a point of the image's curve."""
+            recon = reconstruct(self.diffusion, inversion)
+            pixels = recon.images.float() / 255
+            psnr, lpips = psnr_per_image(pixels, target), lpips_per_image(self.lpips, pixels, target)
+            for b, curve in enumerate(curves):
+                curve.append({"iterations": inversion.iterations[b], "seconds": seconds, "psnr": psnr[b].item(), "lpips": lpips[b].item()})
+            return psnr, lpips, recon
+
+        def monitor(inversion: Inversion) -> None:
+            # Evaluation time is kept off the curve's time axis: it measures optimisation only.
+            nonlocal evaluation_seconds
+            began = time.perf_counter()
+            evaluate(inversion, (began - start - evaluation_seconds) / len(ids))
+            evaluation_seconds += time.perf_counter() - began
+
         start = time.perf_counter()
         with torch.enable_grad():
-            inversion = self.method.invert(self.diffusion, z0, captions, seeds)
-        seconds = (time.perf_counter() - start) / len(ids)
-        recon = reconstruct(self.diffusion, inversion)
+            inversion = self.method.invert(self.diffusion, z0, captions, seeds, monitor=monitor)
+        seconds = (time.perf_counter() - start - evaluation_seconds) / len(ids)
+        psnr, lpips, recon = evaluate(inversion, seconds)
         vae_images = to_uint8(self.diffusion.decode(z0))
-        target = images.float() / 255
         as_float = lambda x: x.float() / 255  # noqa: E731
-        psnr = psnr_per_image(as_float(recon.images), target)
-        lpips = lpips_per_image(self.lpips, as_float(recon.images), target)
         vae_psnr = psnr_per_image(as_float(vae_images), target)
         extra = {
             f"psnr_w{w:g}": psnr_per_image(as_float(reconstruct(self.diffusion, inversion, w).images), target)
@@ -175,6 +192,7 @@ class InversionModule(L.LightningModule):
                 result["z_T_log_likelihood"] = standard_normal_log_likelihood(inversion.z_T[b])
             if errors is not None:
                 result["latent_error"] = {"timesteps": [*self.diffusion.timesteps, 0], "mse": errors[b].tolist()}
+            result["curve"] = curves[b]
             for name, curve in inversion.curves.items():
                 result[name] = curve[b]
             save_png(self.output_dir / "images" / f"{image_id}.png", image_row(images[b], vae_images[b], recon.images[b]))

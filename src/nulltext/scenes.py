@@ -624,9 +624,8 @@ _SCALE_STEP = (SIZE_RADII["large"] / SIZE_RADII["small"]) ** 0.25
 _TEMPLATE_SCALES: tuple[float, ...] = tuple(
     SIZE_RADII["small"] * _SCALE_STEP**i for i in range(-2, 7)
 )
-_SCALE_SIZE = torch.tensor(
-    [0 if r < math.sqrt(SIZE_RADII["small"] * SIZE_RADII["large"]) - 1e-9 else 1 for r in _TEMPLATE_SCALES]
-)
+_SIZE_SPLIT = math.sqrt(SIZE_RADII["small"] * SIZE_RADII["large"])
+_SCALE_SIZE = torch.tensor([0 if r < _SIZE_SPLIT - 1e-9 else 1 for r in _TEMPLATE_SCALES])
 _SHAPE_CENTROID_DY = torch.tensor(  # centroid minus box centre, unit y (triangle: below)
     [0.0, 0.0, 1.0 / (2 * _SQRT3), 0.0, 0.0, 0.0], dtype=torch.float64
 )
@@ -693,8 +692,9 @@ def _background(layout: SceneLayout, resolution: int, device: torch.device) -> t
     t_stripes = _edge(((u - 0.5).abs() - 0.25) * _STRIPE_PERIOD * res)
     # checker: XOR of two square waves
     period = 2 * _CHECKER_CELL
-    ax = _edge(((torch.frac(x / period + phase[:, 0, None, None]) - 0.5).abs() - 0.25) * period * res)
-    ay = _edge(((torch.frac(y / period + phase[:, 1, None, None]) - 0.5).abs() - 0.25) * period * res)
+    px, py = phase[:, 0, None, None], phase[:, 1, None, None]
+    ax = _edge(((torch.frac(x / period + px) - 0.5).abs() - 0.25) * period * res)
+    ay = _edge(((torch.frac(y / period + py) - 0.5).abs() - 0.25) * period * res)
     t_checker = ax * (1 - ay) + (1 - ax) * ay
     # smooth value noise
     grid = layout.noise.to(device)[:, None]
@@ -765,7 +765,8 @@ def render_scenes(
     Returns ``(images, captions, scenes)``: uint8 ``[n, 3, R, R]`` on ``device``, ``n``
     captions, ``n`` :class:`Scene` records. Deterministic for a seed, whatever the device."""
     layout = sample_layout(n, seed, split)
-    return RenderedScenes(render_layout(layout, resolution, device), layout.captions(), layout.scenes())
+    images = render_layout(layout, resolution, device)
+    return RenderedScenes(images, layout.captions(), layout.scenes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -935,29 +936,35 @@ class CheckResult:
         return int(self.object_valid.shape[0])
 
     def accuracy(self) -> dict[str, float]:
-        """Per-object accuracies (over all objects) and per-image pass rates."""
+        """Per-object accuracies (over all objects) and per-image pass rates (NaN if none)."""
         valid = self.object_valid
-        n_obj = max(int(valid.sum()), 1)
-        n_img = max(len(self), 1)
+        n_obj, n_img = int(valid.sum()), len(self)
+
+        def rate(count: torch.Tensor, n: int) -> float:
+            return float(count) / n if n else float("nan")
+
         out = {}
         for name in ("colour", "position", "shape", "size"):
             ok = getattr(self, f"object_{name}_ok")
-            out[f"object_{name}"] = float((ok & valid).sum()) / n_obj
-            out[f"image_{name}"] = float(getattr(self, f"{name}_ok").sum()) / n_img
-        out["image_all"] = float(self.all_ok.sum()) / n_img
+            out[f"object_{name}"] = rate((ok & valid).sum(), n_obj)
+            out[f"image_{name}"] = rate(getattr(self, f"{name}_ok").sum(), n_img)
+        out["image_all"] = rate(self.all_ok.sum(), n_img)
         return out
 
     def records(self) -> list[dict[str, Any]]:
         """JSON-friendly per-image records: the four per-image flags and, per object, its flags
         and what was read back (``position``, ``shape``, ``size``: names or None)."""
         out = []
-        per_image = {k: getattr(self, f"{k}_ok").tolist() for k in ("colour", "position", "shape", "size", "all")}
+        names = ("colour", "position", "shape", "size", "all")
+        per_image = {k: getattr(self, f"{k}_ok").tolist() for k in names}
         for b in range(len(self)):
             objects = []
             for j in range(MAX_OBJECTS):
                 if not bool(self.object_valid[b, j]):
                     continue
-                pos, shp, siz = (int(t[b, j]) for t in (self.found_position, self.found_shape, self.found_size))
+                pos = int(self.found_position[b, j])
+                shp = int(self.found_shape[b, j])
+                siz = int(self.found_size[b, j])
                 objects.append(
                     {
                         "colour_ok": bool(self.object_colour_ok[b, j]),
@@ -997,11 +1004,13 @@ def _connected_components(mask: torch.Tensor) -> torch.Tensor:
     n, h, w = mask.shape
     m = mask.float()
     labels = torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, h, w) * m
+    if n == 0:
+        return labels
     while True:
         before = labels
         for _ in range(2):
             labels = _max3x3(labels) * m
-            flat = labels.view(n, -1)
+            flat = labels.view(n, h * w)
             pointer = (flat.long() - 1).clamp(min=0)
             labels = torch.maximum(flat, flat.gather(1, pointer) * flat.gt(0)).view(n, h, w)
         if torch.equal(labels, before):
@@ -1073,7 +1082,9 @@ class SceneChecker:
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[1] != 3:
-            raise NulltextError(f"images must be [3, R, R] or [B, 3, R, R], got {tuple(images.shape)}")
+            raise NulltextError(
+                f"images must be [3, R, R] or [B, 3, R, R], got {tuple(images.shape)}"
+            )
         if images.shape[0] != len(scenes):
             raise NulltextError(f"{images.shape[0]} images but {len(scenes)} scenes")
         device = self.device or images.device
@@ -1097,13 +1108,14 @@ class SceneChecker:
         lab = rgb_to_lab(x, dim=1)  # [B, 3, R, R]
         palette = self._palette_lab.to(device)[colour]  # [B, 3(slots), 3(Lab)]
         dist = (lab[:, None] - palette[..., None, None]).norm(dim=2)  # [B, slots, R, R]
-        mask = (dist < self._thresholds.to(device)[colour][..., None, None]) & valid[..., None, None]
+        threshold = self._thresholds.to(device)[colour]
+        mask = (dist < threshold[..., None, None]) & valid[..., None, None]
 
         # Components and their statistics, for the used object slots only.
         rows = valid.reshape(-1).nonzero().squeeze(1)
         labels = torch.zeros(b * k, res, res, device=device)
         labels[rows] = _connected_components(mask.reshape(b * k, res, res)[rows])
-        flat = labels[rows].reshape(rows.numel(), -1).long()
+        flat = labels[rows].reshape(rows.numel(), res * res).long()
         bins = res * res + 1
         coords = (torch.arange(res, device=device, dtype=torch.float32) + 0.5) / res
         xs = coords[None, :].expand(res, res).reshape(1, -1).expand_as(flat)
@@ -1139,7 +1151,7 @@ class SceneChecker:
         dup_rows = [i for i in range(b) if len(set(colours_l[i][: counts_l[i]])) < counts_l[i]]
         if dup_rows:
             area_l, cent_l, need_l, exp_l = (
-                t.tolist() for t in (top_area[dup_rows], top_c[dup_rows], need[dup_rows], expected[dup_rows])
+                t[dup_rows].tolist() for t in (top_area, top_c, need, expected)
             )
             for r, i in enumerate(dup_rows):
                 groups: dict[int, list[int]] = {}
@@ -1221,7 +1233,9 @@ class SceneChecker:
         m = qx.numel()
         x = grid[None, None, :].expand(m, side, side)
         y = grid[None, :, None].expand(m, side, side)
-        bank = torch.empty(_N_SHAPES, len(_TEMPLATE_SCALES), phases + 1, phases + 1, side, side, device=device)
+        bank = torch.empty(
+            _N_SHAPES, len(_TEMPLATE_SCALES), phases + 1, phases + 1, side, side, device=device
+        )
         for s in range(_N_SHAPES):
             for z, r in enumerate(_TEMPLATE_SCALES):
                 cov = _coverage(

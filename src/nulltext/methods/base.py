@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -50,6 +50,11 @@ class Inversion:
         )
 
 
+# Called by long-running methods with the inversion as it stands (its ``iterations`` so far), so
+# that one run reports its whole convergence curve (paper Fig. 4) instead of one run per budget.
+Monitor = Callable[["Inversion"], None]
+
+
 def image_seed(seed: int, image_id: str) -> int:
     """A per-image seed that depends on the run seed and the image id only (not on the batch)."""
     digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
@@ -82,8 +87,13 @@ class InversionMethod(ABC):
         """Called once with every caption of the dataset before inverting (most methods ignore it)."""
 
     @abstractmethod
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
-        """Invert a batch: ``z0`` [B,C,h,w] VAE latents, one caption and one seed per image."""
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
+        """Invert a batch: ``z0`` [B,C,h,w] VAE latents, one caption and one seed per image.
+
+        Methods that optimise for many iterations call ``monitor`` along the way (the others ignore it).
+        """
 
     def config(self) -> dict:
         """The method's settings, recorded in every artifact."""

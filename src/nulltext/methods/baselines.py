@@ -7,7 +7,7 @@ from typing import Sequence
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion
-from nulltext.methods.base import Inversion, InversionMethod
+from nulltext.methods.base import Inversion, InversionMethod, Monitor
 
 
 class VAEReconstruction(InversionMethod):
@@ -15,7 +15,9 @@ class VAEReconstruction(InversionMethod):
 
     name = "vae"
 
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
         return Inversion(z_T=z0, uncond=None, cond=None, prompts=prompts, guidance_scale=0.0, iterations=[0] * len(prompts))
 
 
@@ -34,7 +36,9 @@ class DDIMInversion(InversionMethod):
         """The unconditional embedding used at every step when sampling."""
         return diffusion.encode_text([""]).expand_as(cond)
 
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
         cond = diffusion.encode_text(prompts)
         pivot = diffusion.ddim_inversion(z0, cond)
         return Inversion(

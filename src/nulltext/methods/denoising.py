@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion
-from nulltext.methods.base import Inversion, InversionMethod, gaussian_like
+from nulltext.methods.base import Inversion, InversionMethod, Monitor
 
 
 class TextualInversion(InversionMethod):
@@ -23,17 +23,28 @@ class TextualInversion(InversionMethod):
     Args:
         num_iterations: Adam steps (one random t and noise per image each).
         learning_rate: Adam learning rate on the 77 x D embedding.
+        report_every: hand the current inversion to the monitor every this many iterations (0: never),
+            so that one long run gives the whole convergence curve.
     """
 
     name = "textual_inversion"
     variable: Literal["uncond", "cond"] = "cond"
 
-    def __init__(self, num_iterations: int = 500, learning_rate: float = 5e-3, extra_guidance_scales: Sequence[float] = ()):
+    def __init__(
+        self,
+        num_iterations: int = 500,
+        learning_rate: float = 5e-3,
+        report_every: int = 0,
+        extra_guidance_scales: Sequence[float] = (),
+    ):
         super().__init__(extra_guidance_scales)
         self.num_iterations = int(num_iterations)
         self.learning_rate = float(learning_rate)
+        self.report_every = int(report_every)
 
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
         schedule, w = diffusion.schedule, diffusion.guidance_scale
         cond = diffusion.encode_text(prompts)
         null = diffusion.encode_text([""]).expand_as(cond)
@@ -43,7 +54,7 @@ class TextualInversion(InversionMethod):
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         num_train = len(schedule.alphas_cumprod)
         curve: list[list[float]] = [[] for _ in prompts]
-        for _ in range(self.num_iterations):
+        for iteration in range(1, self.num_iterations + 1):
             t = torch.stack([torch.randint(num_train, (1,), generator=g) for g in generators]).flatten()
             noise = torch.stack([torch.randn(z0.shape[1:], generator=g) for g in generators]).to(z0)
             alpha = schedule.alphas_cumprod[t].to(z0).view(-1, 1, 1, 1)
@@ -68,19 +79,24 @@ class TextualInversion(InversionMethod):
             optimizer.step()
             for b, value in enumerate(losses.tolist()):
                 curve[b].append(value)
-        optimised = variable.detach()
-        uncond, cond_final = (optimised, cond) if optimise_uncond else (null, optimised)
+            if monitor is not None and self.report_every and iteration % self.report_every == 0 and iteration < self.num_iterations:
+                monitor(self.result(diffusion, z0, prompts, variable.detach().clone(), null, cond, iteration, curve))
+        return self.result(diffusion, z0, prompts, variable.detach(), null, cond, self.num_iterations, curve)
+
+    def result(self, diffusion, z0, prompts, optimised, null, cond, iterations, curve) -> Inversion:
+        """The inversion with the embedding as optimised so far: z_T by w = 1 DDIM inversion with it."""
+        uncond, cond_final = (optimised, cond) if self.variable == "uncond" else (null, optimised)
         pivot = diffusion.ddim_inversion(z0, cond_final)
         return Inversion(
             z_T=pivot[:, -1],
             uncond=uncond.unsqueeze(1),
             cond=cond_final.unsqueeze(1),
             prompts=prompts,
-            guidance_scale=w,
-            iterations=[self.num_iterations] * len(prompts),
+            guidance_scale=diffusion.guidance_scale,
+            iterations=[iterations] * len(prompts),
             pivot=pivot,
             extra_guidance_scales=self.extra_guidance_scales,
-            curves={"denoising_loss": curve},
+            curves={"denoising_loss": [c[:] for c in curve]},
         )
 
 
@@ -93,5 +109,11 @@ class NullTextNoPivot(TextualInversion):
     name = "null_text_no_pivot"
     variable = "uncond"
 
-    def __init__(self, num_iterations: int = 500, learning_rate: float = 1e-2, extra_guidance_scales: Sequence[float] = ()):
-        super().__init__(num_iterations, learning_rate, extra_guidance_scales)
+    def __init__(
+        self,
+        num_iterations: int = 500,
+        learning_rate: float = 1e-2,
+        report_every: int = 0,
+        extra_guidance_scales: Sequence[float] = (),
+    ):
+        super().__init__(num_iterations, learning_rate, report_every, extra_guidance_scales)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion
-from nulltext.methods.base import Inversion, InversionMethod
+from nulltext.methods.base import Inversion, InversionMethod, Monitor
 
 
 class GlobalNullTextInversion(InversionMethod):
@@ -18,7 +18,7 @@ class GlobalNullTextInversion(InversionMethod):
     update per step on eq. (3), advancing z_bar with the updated embedding. One Adam state per
     image lives across all passes; the learning rate follows the per-step schedule of Algorithm 1
     within each pass. Total iterations = num_passes * S. The per-image mean loss of every pass is
-    recorded as a curve.
+    recorded as a curve, and the monitor sees the inversion after every pass.
     """
 
     name = "null_text_global"
@@ -31,11 +31,15 @@ class GlobalNullTextInversion(InversionMethod):
         extra_guidance_scales: Sequence[float] = (),
     ):
         super().__init__(extra_guidance_scales)
+        if num_passes < 1:
+            raise ValueError(f"num_passes must be at least 1, not {num_passes}")
         self.num_passes = int(num_passes)
         self.learning_rate = float(learning_rate)
         self.lr_decay = float(lr_decay)
 
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
         schedule, w = diffusion.schedule, diffusion.guidance_scale
         cond = diffusion.encode_text(prompts)
         null = diffusion.encode_text([""]).expand_as(cond).clone().requires_grad_(True)
@@ -44,7 +48,7 @@ class GlobalNullTextInversion(InversionMethod):
         # Adam is elementwise, so one optimizer over the [B, L, D] tensor is B independent ones.
         optimizer = torch.optim.Adam([null], lr=self.learning_rate)
         curve: list[list[float]] = [[] for _ in prompts]
-        for _ in range(self.num_passes):
+        for done in range(1, self.num_passes + 1):
             z_bar = pivot[:, -1]
             pass_loss = torch.zeros(len(prompts))
             for i, t in enumerate(schedule.timesteps):
@@ -64,14 +68,17 @@ class GlobalNullTextInversion(InversionMethod):
                     z_bar = schedule.denoise_step(diffusion.guided_output(z_bar, t, null, cond, w), t, z_bar)
             for b, value in enumerate((pass_loss / num_steps).tolist()):
                 curve[b].append(value)
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=null.detach().unsqueeze(1),
-            cond=cond.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=w,
-            iterations=[self.num_passes * num_steps] * len(prompts),
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
-            curves={"pass_loss": curve},
-        )
+            snapshot = Inversion(
+                z_T=pivot[:, -1],
+                uncond=null.detach().clone().unsqueeze(1),
+                cond=cond.unsqueeze(1),
+                prompts=prompts,
+                guidance_scale=w,
+                iterations=[done * num_steps] * len(prompts),
+                pivot=pivot,
+                extra_guidance_scales=self.extra_guidance_scales,
+                curves={"pass_loss": [c[:] for c in curve]},
+            )
+            if monitor is not None and done < self.num_passes:
+                monitor(snapshot)
+        return snapshot

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from nulltext.diffusion import Diffusion
 from nulltext.errors import CaptionError
-from nulltext.methods.base import Inversion, InversionMethod, gaussian_like
+from nulltext.methods.base import Inversion, InversionMethod, Monitor, gaussian_like
 
 
 class NullTextInversion(InversionMethod):
@@ -64,7 +64,9 @@ class NullTextInversion(InversionMethod):
     def inversion_prompts(self, prompts: list[str], seeds: list[int]) -> list[str]:
         return prompts
 
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
         prompts = self.inversion_prompts(prompts, seeds)
         cond = diffusion.encode_text(prompts)
         null = diffusion.encode_text([""]).expand_as(cond)
