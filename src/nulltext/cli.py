@@ -1,4 +1,5 @@
-"""Command line: ``nulltext [overrides]`` (invert a dataset) and ``nulltext reconstruct artifact=...``.
+"""Command line: ``nulltext [overrides]`` (invert a dataset), ``nulltext reconstruct artifact=...``,
+``nulltext report <sweep dir>``.
 
 Both are Hydra apps over the configs in ``conf/``. The task functions (:func:`run_inversion`,
 :func:`run_reconstruction`) take a composed config and are what tests call.
@@ -16,6 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -122,7 +124,11 @@ def user_error(error: BaseException) -> NulltextError | None:
 
 
 def _report_errors(task):
-    """Run a task; a user error becomes one line on stderr and exit status 2, not a traceback."""
+    """Run a task; a user error becomes one line on stderr, not a traceback.
+
+    A single run then exits with status 2; in a multirun the failed job returns None and the
+    sweep goes on (one bad job must not stop a cluster sweep).
+    """
 
     def wrapped(cfg: DictConfig):
         try:
@@ -132,6 +138,8 @@ def _report_errors(task):
             if found is None:
                 raise
             print(f"nulltext: error: {found}", file=sys.stderr)
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                return None
             sys.exit(2)
 
     return wrapped
@@ -140,7 +148,8 @@ def _report_errors(task):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def invert_app(cfg: DictConfig) -> float:
     # Returned so that Hydra sweepers can optimise it.
-    return _report_errors(run_inversion)(cfg)["psnr_mean"]
+    metrics = _report_errors(run_inversion)(cfg)
+    return metrics["psnr_mean"] if metrics else math.nan
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reconstruct")
@@ -152,7 +161,15 @@ SUBCOMMANDS = {"reconstruct": reconstruct_app, "edit": edit_app, "attention": at
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from nulltext.report import main as report
+
+        try:
+            report(sys.argv[2:])
+        except NulltextError as error:
+            print(f"nulltext: error: {error}", file=sys.stderr)
+            sys.exit(2)
+    elif len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         app = SUBCOMMANDS[sys.argv.pop(1)]
         app()
     else:

@@ -28,11 +28,11 @@ API:
   "caption"}``) plus ``attributes`` (one :class:`Scene` per item).
 * :class:`SceneChecker` reads colour, position, shape (and size) back from images.
 
-Randomness: all of a scene's random draws come from one fixed-size block of uniforms per scene
-(:data:`_DRAWS_PER_SCENE`) taken from a ``torch.Generator`` seeded with ``2 * seed + (split ==
-"heldout")`` (so the two splits never share a random stream), so scene ``i`` of
-a seed does not depend on ``n`` (``render_scenes(10, s)`` is the first 10 of ``render_scenes(100,
-s)``), nor on the resolution or device.
+Randomness: a scene's random draws all come from its own fixed-size row of uniforms
+(:data:`_DRAWS_PER_SCENE` per scene) drawn on the CPU by a ``torch.Generator`` seeded with
+``2 * seed + (split == "heldout")``, so the two splits never share a random stream and scene
+``i`` does not depend on ``n`` (``render_scenes(10, s)`` is the first 10 of
+``render_scenes(100, s)``; tested), nor on the resolution or the device.
 """
 
 from __future__ import annotations

@@ -1,0 +1,260 @@
+"""``nulltext report <sweep dir>``: the paper's Fig. 4 (and Fig. 9) from a sweep's outputs.
+
+Reads every job's ``metrics.json`` (no recomputation) and writes, into ``<sweep dir>/report/``:
+``ablation.png`` / ``.svg`` (PSNR and LPIPS against optimisation iterations and against seconds,
+mean over images with a +-1 standard deviation band, the VAE upper bound and the DDIM lower bound
+as lines), ``ablation.csv`` (every point), ``ablation.md`` (each variant's final point), and, when
+the sweep varied the pivot's guidance, ``pivot_guidance.png`` / ``.svg`` (paper Fig. 9). With
+``--wandb`` the same curves go to wandb, one run per job grouped by the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nulltext.errors import NulltextError
+from nulltext.io import atomic_write, atomic_write_text
+
+# Display names as in the paper (Mokady et al. 2023, Fig. 4).
+PAPER_NAMES = {
+    "vae": "VQAE (upper bound)",
+    "ddim": "DDIM inversion (lower bound)",
+    "null_text": "Null-text (per step)",
+    "null_text_global": "Global null-text",
+    "random_pivot": "Random pivot",
+    "random_caption": "Random caption",
+    "textual_inversion": "Textual inversion",
+    "textual_inversion_pivot": "Textual inversion + pivot",
+    "null_text_no_pivot": "Null-text w/o pivot",
+    "negative_prompt": "Negative-prompt inversion",
+    "null_text_reference": "Null-text (official loop)",
+}
+BOUNDS = ("vae", "ddim")
+
+
+@dataclass
+class Point:
+    iterations: float
+    seconds: float
+    psnr: tuple[float, float]  # mean, std over images
+    lpips: tuple[float, float]
+    images: int
+
+
+@dataclass
+class Variant:
+    method: str
+    points: list[Point] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return PAPER_NAMES.get(self.method, self.method)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std())
+
+
+def load_jobs(sweep_dir: Path) -> list[dict]:
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("**/metrics.json")) if "report" not in p.parts]
+    if not jobs:
+        raise NulltextError(f"no metrics.json under {sweep_dir}: give the directory of a finished run or sweep")
+    return jobs
+
+
+def job_points(job: dict) -> list[Point]:
+    """The job's curve: one point per evaluation (one for per-step methods, many for long runs)."""
+    ok = [r for r in job["images"] if r["status"] == "ok" and r.get("curve")]
+    if not ok:
+        return []
+    length = min(len(r["curve"]) for r in ok)
+    points = []
+    for k in range(length):
+        at = [r["curve"][k] for r in ok]
+        points.append(
+            Point(
+                iterations=float(np.mean([p["iterations"] for p in at])),
+                seconds=float(np.mean([p["seconds"] for p in at])),
+                psnr=mean_std([p["psnr"] for p in at]),
+                lpips=mean_std([p["lpips"] for p in at]),
+                images=len(at),
+            )
+        )
+    return points
+
+
+def collect_variants(jobs: list[dict]) -> dict[str, Variant]:
+    """Group jobs by method: per-step runs with different N become the points of one curve."""
+    variants: dict[str, Variant] = {}
+    for job in jobs:
+        if pivot_guidance(job) != 1.0:
+            continue  # the Fig. 9 sweep, plotted separately
+        variant = variants.setdefault(job["method"], Variant(job["method"]))
+        variant.points.extend(job_points(job))
+    for variant in variants.values():
+        variant.points.sort(key=lambda p: p.iterations)
+    return variants
+
+
+def pivot_guidance(job: dict) -> float:
+    return float(job.get("config", {}).get("inversion", {}).get("pivot_guidance_scale", 1.0))
+
+
+def vae_bound(jobs: list[dict]) -> tuple[float, float]:
+    ok = [r for job in jobs for r in job["images"] if r["status"] == "ok"]
+    return mean_std([r["vae_psnr"] for r in ok])
+
+
+def write_csv(variants: dict[str, Variant], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["variant", "method", "iterations", "seconds", "psnr_mean", "psnr_std", "lpips_mean", "lpips_std", "images"])
+    for v in variants.values():
+        for p in v.points:
+            writer.writerow([v.name, v.method, p.iterations, p.seconds, *p.psnr, *p.lpips, p.images])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def markdown_table(variants: dict[str, Variant], vae: tuple[float, float]) -> str:
+    lines = [
+        "| variant | iterations | seconds / image | PSNR (dB) | LPIPS (alex) | images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in variants.values():
+        for p in v.points if v.method not in ("null_text_global", "textual_inversion", "null_text_no_pivot") else v.points[-1:]:
+            lines.append(
+                f"| {v.name} | {p.iterations:.0f} | {p.seconds:.2f} | {p.psnr[0]:.2f} +- {p.psnr[1]:.2f} "
+                f"| {p.lpips[0]:.4f} +- {p.lpips[1]:.4f} | {p.images} |"
+            )
+    lines.append(f"\nVAE upper bound: {vae[0]:.2f} +- {vae[1]:.2f} dB. Means over images, +- one standard deviation.")
+    return "\n".join(lines) + "\n"
+
+
+def save_figure(figure, stem: Path) -> list[Path]:
+    paths = []
+    for suffix in (".png", ".svg"):
+        path = stem.with_suffix(suffix)
+        atomic_write(path, lambda tmp, s=suffix: figure.savefig(tmp, format=s[1:], dpi=150, bbox_inches="tight"))
+        paths.append(path)
+    return paths
+
+
+def plot_ablation(variants: dict[str, Variant], vae: tuple[float, float], stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 2, figsize=(13, 9), sharey="row")
+    curves = {k: v for k, v in variants.items() if k not in BOUNDS and v.points}
+    colours = plt.cm.tab10(np.linspace(0, 1, 10))
+    for row, metric, label in ((0, "psnr", "PSNR (dB)"), (1, "lpips", "LPIPS (alex)")):
+        for col, axis_key, xlabel in ((0, "iterations", "optimisation iterations"), (1, "seconds", "seconds per image")):
+            ax = axes[row][col]
+            for colour, v in zip(colours, curves.values()):
+                x = [getattr(p, axis_key) for p in v.points]
+                mean = np.array([getattr(p, metric)[0] for p in v.points])
+                std = np.array([getattr(p, metric)[1] for p in v.points])
+                ax.plot(x, mean, marker="o", markersize=4, color=colour, label=v.name)
+                ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+            if metric == "psnr":
+                ax.axhline(vae[0], color="black", linestyle="--", label=PAPER_NAMES["vae"])
+            if "ddim" in variants and variants["ddim"].points:
+                ax.axhline(getattr(variants["ddim"].points[-1], metric)[0], color="grey", linestyle=":", label=PAPER_NAMES["ddim"])
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=10)
+    figure.suptitle("Inversion ablation (Mokady et al. 2023, Fig. 4): mean over images, band = +-1 std")
+    figure.tight_layout(rect=(0, 0.08, 1, 0.96))
+    paths = save_figure(figure, stem)
+    plt.close(figure)
+    return paths
+
+
+def plot_pivot_guidance(jobs: list[dict], stem: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((pivot_guidance(j), j) for j in jobs if j["method"] == "null_text")
+    scales = [w for w, _ in rows]
+    psnr = [mean_std([r["psnr"] for r in j["images"] if r["status"] == "ok"]) for _, j in rows]
+    likelihood = [mean_std([r["z_T_log_likelihood"] for r in j["images"] if r["status"] == "ok"]) for _, j in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, values, label in ((left, psnr, "reconstruction PSNR (dB)"), (right, likelihood, "log-likelihood of z_T under N(0, I) (nats / dim)")):
+        mean, std = np.array([v[0] for v in values]), np.array([v[1] for v in values])
+        ax.errorbar(scales, mean, yerr=std, marker="o", capsize=3)
+        ax.set_xlabel("guidance scale of the pivot's DDIM inversion")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    figure.suptitle("Pivot guidance (Mokady et al. 2023, Fig. 9 analogue), null-text N = 10")
+    figure.tight_layout()
+    paths = save_figure(figure, stem)
+    plt.close(figure)
+    return paths
+
+
+def log_to_wandb(jobs: list[dict], sweep_dir: Path, project: str) -> None:
+    """One wandb run per job, grouped by the sweep, with its curve as line plots and sample images."""
+    import wandb
+
+    for job in jobs:
+        name = PAPER_NAMES.get(job["method"], job["method"])
+        n = job.get("config", {}).get("inversion", {}).get("num_inner_steps")
+        run = wandb.init(project=project, group=sweep_dir.name, name=f"{name} N={n}" if n else name, dir=str(sweep_dir / "report"), config=job.get("config"), reinit="finish_previous")
+        try:
+            points = job_points(job)
+            table = wandb.Table(columns=["iterations", "seconds", "psnr", "lpips"], data=[[p.iterations, p.seconds, p.psnr[0], p.lpips[0]] for p in points])
+            run.log(
+                {
+                    "curve/psnr_vs_iterations": wandb.plot.line(table, "iterations", "psnr", title=f"{name}: PSNR"),
+                    "curve/lpips_vs_iterations": wandb.plot.line(table, "iterations", "lpips", title=f"{name}: LPIPS"),
+                    "curve/psnr_vs_seconds": wandb.plot.line(table, "seconds", "psnr", title=f"{name}: PSNR vs time"),
+                }
+            )
+            run.summary.update({k: job[k] for k in ("psnr_mean", "lpips_mean", "vae_psnr_mean") if k in job})
+        finally:
+            run.finish()
+
+
+def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_project: str | None = None) -> dict[str, list[Path]]:
+    sweep_dir = Path(sweep_dir)
+    out = Path(out) if out else sweep_dir / "report"
+    jobs = load_jobs(sweep_dir)
+    variants = collect_variants(jobs)
+    vae = vae_bound(jobs)
+    written = {"figure": plot_ablation(variants, vae, out / "ablation")}
+    write_csv(variants, out / "ablation.csv")
+    table = markdown_table(variants, vae)
+    atomic_write_text(out / "ablation.md", table)
+    written["tables"] = [out / "ablation.csv", out / "ablation.md"]
+    if len({pivot_guidance(j) for j in jobs if j["method"] == "null_text"}) > 1:
+        written["pivot_guidance"] = plot_pivot_guidance(jobs, out / "pivot_guidance")
+    if wandb_project:
+        log_to_wandb(jobs, sweep_dir, wandb_project)
+    print(table)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nulltext report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", help="a multirun (or run) directory holding metrics.json files")
+    parser.add_argument("--out", help="where to write the report (default: <sweep_dir>/report)")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log every job's curve to this wandb project")
+    args = parser.parse_args(argv)
+    written = build_report(args.sweep_dir, args.out, args.wandb)
+    for paths in written.values():
+        for path in paths:
+            print(f"wrote {path}")
+
