@@ -135,6 +135,7 @@ def setup_logging(path: Path) -> None:
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("[bench] %(message)s"))
     console.setLevel(logging.INFO)
+    console.addFilter(lambda record: record.name == "bench")  # the libraries' messages go to the log file only
     root.addHandler(file_handler)
     root.addHandler(console)
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "fsspec"):
@@ -181,7 +182,8 @@ def environment(device: torch.device) -> dict:
         "diffusers": prov["versions"].get("diffusers"),
         "transformers": prov["versions"].get("transformers"),
         "python": prov["versions"].get("python"),
-        "git_commit": prov["git"].get("commit"),
+        # A copy of the tree without .git (the GPU machine) has no commit: NULLTEXT_GIT_COMMIT names it.
+        "git_commit": prov["git"].get("commit") or os.environ.get("NULLTEXT_GIT_COMMIT", "unknown"),
         "git_dirty": prov["git"].get("dirty"),
         "precision": precision_settings(),
     }

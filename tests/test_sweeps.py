@@ -52,3 +52,66 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_a_changed_config_recomput
     assert all(r["iterations"] == 4 for r in changed["images"])
     stored = json.loads((tmp_path / "run" / "inversions" / "astronaut.json").read_text())
     assert stored["method"]["num_inner_steps"] == 1
+
+
+def run_cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "nulltext", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
+def test_hydra_launchers_run_every_job(tmp_path, launcher):
+    result = run_cli(
+        "-m",
+        f"hydra/launcher={launcher}",
+        "inversion=ddim,vae",
+        "data.limit=1",
+        "diffusion.num_inference_steps=2",
+        f"hydra.sweep.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    methods = sorted(json.loads(p.read_text())["method"] for p in tmp_path.glob("*/metrics.json"))
+    assert methods == ["ddim", "vae"]
+
+
+@pytest.mark.slow
+def test_ablation_smoke_then_report_gives_every_variant(tmp_path):
+    from nulltext.report import PAPER_NAMES
+
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "experiment=ablation_smoke",
+        "diffusion.num_inference_steps=3",
+        "ablation.global_passes=2",
+        "ablation.denoising_iterations=6",
+        "ablation.report_every=3",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = run_cli("report", str(sweep), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    out = sweep / "report"
+    for name in ("ablation.png", "ablation.svg", "ablation.csv", "ablation.md"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "ablation.md").read_text()
+    variants = ["vae", "ddim", "null_text", "null_text_global", "random_pivot", "random_caption",
+                "textual_inversion", "textual_inversion_pivot", "null_text_no_pivot", "negative_prompt"]
+    for method in variants:
+        assert f"| {PAPER_NAMES[method]} |" in table, method
+    import csv
+
+    rows = list(csv.DictReader((out / "ablation.csv").open()))
+    per_step = sorted(float(r["iterations"]) for r in rows if r["method"] == "null_text")
+    # N = 1, 2, 5 per step on 3 DDIM steps: the random-init model never stops early.
+    assert per_step == [3.0, 6.0, 15.0]
+    global_curve = [float(r["iterations"]) for r in rows if r["method"] == "null_text_global"]
+    assert global_curve == [3.0, 6.0], "the global variant reports a point after every pass"
+    textual = [float(r["iterations"]) for r in rows if r["method"] == "textual_inversion"]
+    assert textual == [3.0, 6.0]

@@ -32,7 +32,7 @@ from diffusers.models.attention_processor import AttnProcessor
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion
-from nulltext.methods.base import Inversion
+from nulltext.methods.base import Inversion, Monitor
 from nulltext.methods.null_text import NullTextInversion
 
 
@@ -70,7 +70,9 @@ class OfficialNullTextInversion(NullTextInversion):
 
     name = "null_text_reference"
 
-    def invert(self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int]) -> Inversion:
+    def invert(
+        self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
+    ) -> Inversion:
         if self.variable != "uncond":
             raise NotImplementedError("the reference engine optimises the null text only")
         dtypes = {p.dtype for p in diffusion.unet.parameters()} | {z0.dtype}

@@ -1,0 +1,585 @@
+"""Train "pocket": the project's small offline text-to-image latent diffusion model (SD family).
+
+    python scripts/train_pocket_model.py                              # the GPU recipe (conf/train_pocket.yaml)
+    python scripts/train_pocket_model.py --config-name train_pocket_cpu   # the CPU stand-in
+    python scripts/train_pocket_model.py resume=true max_minutes=9    # continue from the last checkpoint
+
+Two phases, one checkpoint format:
+
+(a) VAE (``AutoencoderKL``): MSE + small KL + an edge (image-gradient) loss, on procedural scenes
+    (:func:`nulltext.scenes.render_scenes`, ``split="train"``), random crops of the offline photos
+    (:class:`nulltext.data.SampleImages` loaded at a higher resolution; a few photos held out for
+    evaluation) and 1/f-noise colour fields; optionally a decoder-only fine-tune at the end.
+(b) UNet (``UNet2DConditionModel``) + ``CLIPTextModel`` jointly, epsilon prediction on the SD DDIM
+    noise schedule, on scenes generated on the fly on the training device, 10% empty captions
+    (classifier-free guidance), EMA of both. Between the phases the latent ``scaling_factor`` is
+    set to 1 / std of the VAE posterior means of training scenes.
+
+Every random draw of step ``s`` comes from generators seeded by ``(seed, phase, s)``, so a resumed
+run is the same as an uninterrupted one. A checkpoint (models, optimizers, EMA, step, RNG states)
+is written every ``checkpoint_every`` steps, on SIGTERM/SIGINT and when ``max_minutes`` is spent;
+``resume=true`` continues from it. At the end the EMA weights are written with
+``StableDiffusionPipeline.save_pretrained`` into ``output_dir`` (loadable with
+``nulltext.models.load_pipeline``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer  # noqa: E402
+from nulltext.scenes import render_scenes  # noqa: E402
+
+PHASES = ("vae", "decoder", "unet")
+
+
+# ------------------------------------------------------------------------------------------------
+# small utilities
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths are relative to the directory the command was started from."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(os.getcwd()) / p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one training step: depends on (seed, phase, step) only (resume-exact)."""
+    code = (int(seed) * 1_000_003 + PHASES.index(phase) * 100_000_019 + int(step) * 7919) % (2**62)
+    return torch.Generator(device=device).manual_seed(code)
+
+
+def data_seed(seed: int, phase: str, step: int) -> int:
+    return (int(seed) * 10_000_019 + PHASES.index(phase) * 1_000_000_007 + int(step)) % (2**62)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, final_fraction: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to ``final_fraction * base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class CSVLog:
+    """One line per ``log_every`` steps: step, phase, loss, lr, samples/s, elapsed minutes."""
+
+    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min")
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with path.open("w", newline="") as f:
+                csv.writer(f).writerow(self.fields)
+
+    def write(self, **row) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow([row[k] for k in self.fields])
+        print(" ".join(f"{k}={row[k]}" for k in self.fields), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """CLIP token ids of template captions, built word by word from a cache (no Python BPE per sample).
+
+    CLIP's BPE works on each whitespace-separated lower-case word on its own, so the ids of a
+    caption made of plain words are BOS + the ids of its words + EOS, padded with EOS to 77.
+    Checked against the real tokenizer on the first captions it sees.
+    """
+
+    def __init__(self):
+        self.tokenizer = clip_tokenizer()
+        self.bos, self.eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        self.words: dict[str, list[int]] = {}
+        self.checked = 0
+
+    def word(self, w: str) -> list[int]:
+        if w not in self.words:
+            self.words[w] = self.tokenizer(w, add_special_tokens=False).input_ids
+        return self.words[w]
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        out = torch.full((len(captions), CLIP_CONTEXT_LENGTH), self.eos, dtype=torch.long)
+        for i, caption in enumerate(captions):
+            ids = [self.bos] + [t for w in caption.split() for t in self.word(w)] + [self.eos]
+            ids = ids[: CLIP_CONTEXT_LENGTH - 1] + [self.eos] if len(ids) > CLIP_CONTEXT_LENGTH else ids
+            if self.checked < 32:
+                real = self.tokenizer(caption, padding="max_length", max_length=CLIP_CONTEXT_LENGTH, truncation=True).input_ids
+                assert real[: len(ids)] == ids, f"word tokenizer disagrees with CLIP on {caption!r}"
+                self.checked += 1
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+class PhotoCrops:
+    """Random crops of the offline photos (held-out ids excluded), resized to the training resolution."""
+
+    def __init__(self, source_resolution: int, holdout: list[str], device: torch.device):
+        from nulltext.data import SAMPLE_IDS, SampleImages
+
+        names = [n for n in SAMPLE_IDS if n not in set(holdout)]
+        dataset = SampleImages(resolution=source_resolution, names=names)
+        images = []
+        for i in range(len(dataset)):
+            try:
+                images.append(dataset[i]["image"])
+            except Exception as error:  # a missing wheel: train without that photo
+                print(f"photo {names[i]} unavailable ({error}); skipped", flush=True)
+        self.images = torch.stack(images).to(device) if images else None
+        self.ids = names
+
+    def __call__(self, n: int, resolution: int, g: torch.Generator, min_crop: float) -> torch.Tensor:
+        """n crops in [-1, 1], float [n,3,R,R]; crop side uniform in [min_crop, 1] of the photo side."""
+        src = self.images
+        size = src.shape[-1]
+        u = torch.rand(n, 5, generator=g, device=g.device).cpu()
+        out = []
+        for j in range(n):
+            k = int(u[j, 0] * len(src)) % len(src)
+            side = max(resolution, int(size * (min_crop + (1 - min_crop) * u[j, 1])))
+            side = min(side, size)
+            top, left = int(u[j, 2] * (size - side + 1)), int(u[j, 3] * (size - side + 1))
+            crop = src[k : k + 1, :, top : top + side, left : left + side].float()
+            crop = F.interpolate(crop, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
+            if u[j, 4] < 0.5:
+                crop = crop.flip(-1)
+            out.append(crop)
+        return (torch.cat(out) / 127.5 - 1).clamp(-1, 1)
+
+
+def noise_fields(n: int, resolution: int, g: torch.Generator) -> torch.Tensor:
+    """Photo-like 1/f^alpha colour noise in [-1, 1], float [n,3,R,R] (alpha uniform in [1.5, 2.5])."""
+    device = g.device
+    fy = torch.fft.fftfreq(resolution, device=device)[:, None]
+    fx = torch.fft.rfftfreq(resolution, device=device)[None, :]
+    f = (fx**2 + fy**2).sqrt().clamp_min(1.0 / resolution)
+    alpha = 1.5 + torch.rand(n, 1, 1, 1, generator=g, device=device)
+    spec = torch.randn(n, 3, resolution, resolution // 2 + 1, 2, generator=g, device=device)
+    spec = torch.view_as_complex(spec) / f**alpha
+    x = torch.fft.irfft2(spec, s=(resolution, resolution))
+    mix = torch.randn(n, 3, 3, generator=g, device=device) * 0.5 + torch.eye(3, device=device)
+    x = torch.einsum("ncd,ndhw->nchw", mix, x)
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    x = x / x.flatten(1).std(1)[:, None, None, None].clamp_min(1e-6) * 0.45
+    x = x + (torch.rand(n, 3, 1, 1, generator=g, device=device) - 0.5)
+    return x.clamp(-1, 1)
+
+
+def scene_batch(n: int, seed: int, resolution: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    images, captions, _ = render_scenes(n, seed, resolution, split="train", device=device)
+    return images.float() / 127.5 - 1, captions
+
+
+def vae_batch(cfg: DictConfig, step: int, phase: str, photos: PhotoCrops | None, device: torch.device) -> torch.Tensor:
+    v = cfg.vae_train
+    g = step_generator(cfg.seed, phase, step)
+    n = v.batch_size
+    n_photo = int(round(n * v.photo_fraction)) if photos is not None and photos.images is not None else 0
+    n_noise = int(round(n * v.noise_fraction))
+    n_scene = n - n_photo - n_noise
+    parts = [scene_batch(n_scene, data_seed(cfg.seed, phase, step), cfg.resolution, device)[0]]
+    if n_photo:
+        parts.append(photos(n_photo, cfg.resolution, g, v.photo_min_crop).to(device))
+    if n_noise:
+        parts.append(noise_fields(n_noise, cfg.resolution, g).to(device))
+    return torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# models and state
+# ------------------------------------------------------------------------------------------------
+
+
+def build_models(cfg: DictConfig) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(cfg.seed)
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    vae = AutoencoderKL(**m["vae"], sample_size=cfg.resolution)
+    factor = 2 ** (len(m["vae"]["block_out_channels"]) - 1)
+    unet = UNet2DConditionModel(**m["unet"], sample_size=cfg.resolution // factor)
+    text = CLIPTextModel(CLIPTextConfig(**m["text_encoder"], max_position_embeddings=CLIP_CONTEXT_LENGTH))
+    if unet.config.cross_attention_dim != text.config.hidden_size:
+        raise ValueError("model.unet.cross_attention_dim must equal model.text_encoder.hidden_size")
+    return {"vae": vae, "unet": unet, "text_encoder": text}
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up: decay_t = min(d, (1+t)/(10+t))."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, m in modules.items():
+            for s, p in zip(self.shadow[k].parameters(), m.parameters()):
+                s.lerp_(p.detach(), 1 - d)
+            for s, b in zip(self.shadow[k].buffers(), m.buffers()):
+                s.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {k: m.state_dict() for k, m in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, m in self.shadow.items():
+            m.load_state_dict(state[k])
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.autocast = bool(cfg.bf16) and self.device.type == "cuda"
+        self.run_dir = resolve_path(cfg.run_dir)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.models = build_models(cfg)
+        for m in self.models.values():
+            m.to(self.device)
+        self.phase, self.step = "vae", 0
+        self.scaling_factor: float | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.ema: EMA | None = None
+        self.elapsed_before = 0.0  # minutes spent in earlier (resumed) calls
+        self.samples_seen = 0
+        self.stop_requested = False
+        self._new_phase_state()
+        if cfg.resume and self.ckpt_path.exists():
+            self.load_checkpoint()
+        elif cfg.resume:
+            print(f"resume=true but no checkpoint at {self.ckpt_path}: starting from scratch", flush=True)
+        self.log = CSVLog(self.run_dir / "curves.csv")
+        self.tokens = WordTokenizer()
+        self.photos: PhotoCrops | None = None
+
+    # -- phase state ------------------------------------------------------------------------------
+    def _new_phase_state(self) -> None:
+        cfg, m = self.cfg, self.models
+        if self.phase == "vae":
+            m["vae"].train().requires_grad_(True)
+            self.opt = make_optimizer(m["vae"].parameters(), cfg.vae_train.lr, cfg.vae_train.weight_decay)
+            self.ema = None
+        elif self.phase == "decoder":
+            m["vae"].requires_grad_(False).eval()
+            m["vae"].decoder.requires_grad_(True).train()
+            m["vae"].post_quant_conv.requires_grad_(True)
+            params = list(m["vae"].decoder.parameters()) + list(m["vae"].post_quant_conv.parameters())
+            self.opt = make_optimizer(params, cfg.vae_train.decoder_lr, cfg.vae_train.weight_decay)
+            self.ema = None
+        else:
+            u = cfg.unet_train
+            m["vae"].requires_grad_(False).eval()
+            m["unet"].train().requires_grad_(True)
+            m["text_encoder"].train().requires_grad_(True)
+            groups = [
+                {"params": list(m["unet"].parameters()), "lr_scale": 1.0},
+                {"params": list(m["text_encoder"].parameters()), "lr_scale": float(u.text_lr_scale)},
+            ]
+            self.opt = make_optimizer(groups, u.lr, u.weight_decay)
+            self.ema = EMA({"unet": m["unet"], "text_encoder": m["text_encoder"]}, u.ema_decay)
+            sched = DDIMScheduler.from_config(SD_SCHEDULER_CONFIG)
+            self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+
+    def phase_steps(self, phase: str) -> int:
+        v, u = self.cfg.vae_train, self.cfg.unet_train
+        return {"vae": v.steps, "decoder": v.decoder_steps, "unet": u.steps}[phase]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {
+            "phase": self.phase,
+            "step": self.step,
+            "scaling_factor": self.scaling_factor,
+            "models": {k: m.state_dict() for k, m in self.models.items()},
+            "optimizer": self.opt.state_dict() if self.opt is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "elapsed_min": self.elapsed_min(),
+            "samples_seen": self.samples_seen,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+        print(f"checkpoint: phase={self.phase} step={self.step} -> {self.ckpt_path}", flush=True)
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        for k, m in self.models.items():
+            m.load_state_dict(state["models"][k])
+        self.phase, self.step = state["phase"], state["step"]
+        self.scaling_factor = state["scaling_factor"]
+        self.elapsed_before = state["elapsed_min"]
+        self.samples_seen = state.get("samples_seen", 0)
+        self._new_phase_state()
+        if state["optimizer"] is not None and self.phase != "done":
+            self.opt.load_state_dict(state["optimizer"])
+        if state["ema"] is not None and self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        print(f"resumed: phase={self.phase} step={self.step} ({self.elapsed_before:.1f} min so far)", flush=True)
+
+    def elapsed_min(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.t0) / 60
+
+    # -- steps -------------------------------------------------------------------------------------
+    def vae_step(self) -> float:
+        cfg, v, vae = self.cfg, self.cfg.vae_train, self.models["vae"]
+        if self.photos is None and v.photo_fraction > 0:
+            self.photos = PhotoCrops(v.photo_source_resolution, list(v.holdout_photos), self.device)
+        x = vae_batch(cfg, self.step, self.phase, self.photos, self.device)
+        g = step_generator(cfg.seed, self.phase, self.step, self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.phase == "vae":
+                post = vae.encode(x).latent_dist
+                z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=self.device, dtype=post.mean.dtype)
+                kl = post.kl().mean() / x[0].numel()
+            else:  # decoder-only: decode the posterior mean, the latent inversion uses
+                with torch.no_grad():
+                    z = vae.encode(x).latent_dist.mean
+                kl = torch.zeros((), device=self.device)
+            y = vae.decode(z).sample.float()
+        mse = F.mse_loss(y, x)
+        edge = F.l1_loss(y.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(y.diff(dim=-2), x.diff(dim=-2))
+        loss = mse + v.kl_weight * kl.float() + v.edge_weight * edge
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], v.grad_clip)
+        self.opt.step()
+        self.samples_seen += x.shape[0]
+        return float(mse)
+
+    @torch.no_grad()
+    def measure_scaling_factor(self) -> float:
+        """1 / std of the VAE posterior means of training scenes (SD's convention, 0.18215 for SD1.x)."""
+        cfg, vae = self.cfg, self.models["vae"]
+        vae.eval()
+        means = []
+        for b in range(cfg.unet_train.scale_batches):
+            x, _ = scene_batch(cfg.unet_train.batch_size, data_seed(cfg.seed, "decoder", 10**9 + b), cfg.resolution, self.device)
+            means.append(vae.encode(x).latent_dist.mean.float())
+        return float(1.0 / torch.cat(means).std())
+
+    def unet_step(self) -> float:
+        cfg, u = self.cfg, self.cfg.unet_train
+        unet, text, vae = self.models["unet"], self.models["text_encoder"], self.models["vae"]
+        n = u.batch_size
+        x, captions = scene_batch(n, data_seed(cfg.seed, "unet", self.step), cfg.resolution, self.device)
+        g = step_generator(cfg.seed, "unet", self.step, self.device)
+        drop = torch.rand(n, generator=g, device=self.device) < u.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids = self.tokens(captions).to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            z0 = vae.encode(x).latent_dist.mean.float() * self.scaling_factor
+        t = torch.randint(0, 1000, (n,), generator=g, device=self.device)
+        noise = torch.randn(z0.shape, generator=g, device=self.device)
+        ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            context = text(ids)[0]
+            pred = unet(zt, t, encoder_hidden_states=context).sample.float()
+        loss = F.mse_loss(pred, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], u.grad_clip)
+        self.opt.step()
+        self.ema.update({"unet": unet, "text_encoder": text}, self.step)
+        self.samples_seen += n
+        return float(loss)
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        cfg = self.cfg
+        self.t0 = time.monotonic()
+        handler_prev = {}
+
+        def on_signal(signum, frame):
+            print(f"signal {signum}: checkpointing at the next step", flush=True)
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                handler_prev[sig] = signal.signal(sig, on_signal)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+        try:
+            return self._loop()
+        finally:
+            for sig, h in handler_prev.items():
+                signal.signal(sig, h)
+
+    def _loop(self) -> Path | None:
+        cfg = self.cfg
+        window_t, window_n, losses = time.monotonic(), self.samples_seen, []
+        while self.phase != "done":
+            total = self.phase_steps(self.phase)
+            if self.step >= total:
+                self._advance_phase()
+                continue
+            if self.stop_requested or (cfg.max_minutes is not None and self.elapsed_min() >= cfg.max_minutes):
+                self.save_checkpoint()
+                print("stopped before the end: continue with resume=true", flush=True)
+                return None
+            if self.phase in ("vae", "decoder"):
+                base = cfg.vae_train.lr if self.phase == "vae" else cfg.vae_train.decoder_lr
+                set_lr(self.opt, lr_at(self.step, total, base, cfg.vae_train.warmup))
+                losses.append(self.vae_step())
+            else:
+                set_lr(self.opt, lr_at(self.step, total, cfg.unet_train.lr, cfg.unet_train.warmup))
+                losses.append(self.unet_step())
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == total:
+                now = time.monotonic()
+                rate = (self.samples_seen - window_n) / max(now - window_t, 1e-9)
+                self.log.write(
+                    phase=self.phase,
+                    step=self.step,
+                    loss=f"{sum(losses) / len(losses):.5f}",
+                    lr=f"{self.opt.param_groups[0]['lr']:.3e}",
+                    samples_per_s=f"{rate:.1f}",
+                    elapsed_min=f"{self.elapsed_min():.2f}",
+                )
+                window_t, window_n, losses = now, self.samples_seen, []
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
+                self.save_checkpoint()
+        return self.export()
+
+    def _advance_phase(self) -> None:
+        nxt = {"vae": "decoder", "decoder": "unet", "unet": "done"}[self.phase]
+        if nxt == "unet":
+            self.scaling_factor = self.measure_scaling_factor()
+            print(f"scaling_factor = {self.scaling_factor:.5f}", flush=True)
+        self.phase, self.step = nxt, 0
+        if nxt != "done":
+            self._new_phase_state()
+            self.save_checkpoint()
+        else:
+            self.save_checkpoint()
+
+    # -- export ------------------------------------------------------------------------------------
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The trained pipeline (EMA weights), float32, on the CPU."""
+        vae = copy.deepcopy(self.models["vae"]).cpu().float().eval()
+        vae.register_to_config(scaling_factor=float(self.scaling_factor))
+        unet = copy.deepcopy(self.ema.shadow["unet"] if self.ema else self.models["unet"]).cpu().float().eval()
+        text = copy.deepcopy(self.ema.shadow["text_encoder"] if self.ema else self.models["text_encoder"]).cpu().float().eval()
+        return StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text,
+            tokenizer=self.tokens.tokenizer,
+            scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def export(self) -> Path:
+        cfg = self.cfg
+        out = resolve_path(cfg.output_dir)
+        pipe = self.pipeline()
+        if cfg.save_dtype == "float16":
+            pipe.to(torch.float16)
+        if out.exists():
+            shutil.rmtree(out)
+        pipe.save_pretrained(out, safe_serialization=True)
+        compact_tokenizer(out / "tokenizer")
+        info = {
+            "scaling_factor": self.scaling_factor,
+            "resolution": cfg.resolution,
+            "save_dtype": cfg.save_dtype,
+            "training_minutes": round(self.elapsed_min(), 2),
+            "samples_seen_last_phase": self.samples_seen,
+            "device": str(self.device),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in self.models.items()},
+        }
+        (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"saved {out} ({size / 1e6:.1f} MB, scaling_factor {self.scaling_factor:.4f})", flush=True)
+        return out
+
+
+def compact_tokenizer(folder: Path) -> None:
+    """Replace the 3.6 MB ``tokenizer.json`` by the vocab.json + merges.txt it is built from (~2 MB)."""
+    src = Path(clip_tokenizer().name_or_path)
+    if not (src / "vocab.json").exists():
+        return
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copyfile(src / name, folder / name)
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+def train(cfg: DictConfig) -> Path | None:
+    """Run (or continue) training; returns the exported folder, or None if stopped early."""
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if not cfg.resume:
+        ckpt = resolve_path(cfg.run_dir) / "checkpoint.pt"
+        if ckpt.exists():
+            ckpt.unlink()
+        curves = resolve_path(cfg.run_dir) / "curves.csv"
+        if curves.exists():
+            curves.unlink()
+    trainer = Trainer(cfg)
+    print(
+        "parameters: "
+        + ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M" for k, m in trainer.models.items())
+        + f"; device {trainer.device}",
+        flush=True,
+    )
+    return trainer.run()
+
+
+@hydra.main(config_path="../conf", config_name="train_pocket", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
