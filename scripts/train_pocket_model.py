@@ -392,7 +392,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], v.grad_clip)
         self.opt.step()
         self.samples_seen += x.shape[0]
-        return float(mse)
+        return float(mse.detach())
 
     @torch.no_grad()
     def measure_scaling_factor(self) -> float:
@@ -430,7 +430,7 @@ class Trainer:
         self.opt.step()
         self.ema.update({"unet": unet, "text_encoder": text}, self.step)
         self.samples_seen += n
-        return float(loss)
+        return float(loss.detach())
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -463,6 +463,9 @@ class Trainer:
                 continue
             if self.stop_requested or (cfg.max_minutes is not None and self.elapsed_min() >= cfg.max_minutes):
                 self.save_checkpoint()
+                if cfg.get("finish_on_budget", False) and self.phase == "unet" and not self.stop_requested:
+                    print(f"time budget spent at unet step {self.step}/{total}: exporting the EMA as it is", flush=True)
+                    return self.export()
                 print("stopped before the end: continue with resume=true", flush=True)
                 return None
             if self.phase in ("vae", "decoder"):
@@ -534,7 +537,8 @@ class Trainer:
             "resolution": cfg.resolution,
             "save_dtype": cfg.save_dtype,
             "training_minutes": round(self.elapsed_min(), 2),
-            "samples_seen_last_phase": self.samples_seen,
+            "samples_seen": self.samples_seen,
+            "unet_steps_done": self.step if self.phase == "unet" else int(cfg.unet_train.steps),
             "device": str(self.device),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in self.models.items()},

@@ -54,12 +54,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_a_changed_config_recomput
     assert stored["method"]["num_inner_steps"] == 1
 
 
-def run_cli(*args, cwd):
+def run_cli(*args, cwd, env=None):
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "nulltext", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -95,7 +95,7 @@ def test_ablation_smoke_then_report_gives_every_variant(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = run_cli("report", str(sweep), cwd=tmp_path)
+    report = run_cli("report", str(sweep), "--wandb", "nulltext-test", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert report.returncode == 0, report.stderr[-3000:]
     out = sweep / "report"
     for name in ("ablation.png", "ablation.svg", "ablation.csv", "ablation.md"):
@@ -115,3 +115,11 @@ def test_ablation_smoke_then_report_gives_every_variant(tmp_path):
     assert global_curve == [3.0, 6.0], "the global variant reports a point after every pass"
     textual = [float(r["iterations"]) for r in rows if r["method"] == "textual_inversion"]
     assert textual == [3.0, 6.0]
+    # One wandb run per job, each with the curve table and the sample reconstructions.
+    jobs = list(sweep.glob("*/metrics.json"))
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(jobs)
+    for run in runs:
+        media = run / "files" / "media"
+        assert len(list(media.glob("images/reconstructions_*.png"))) == 2  # data.limit=2 images per job
+        assert list(media.glob("table/curve/psnr_vs_iterations_table_*.table.json"))

@@ -64,7 +64,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def load_jobs(sweep_dir: Path) -> list[dict]:
-    jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("**/metrics.json")) if "report" not in p.parts]
+    """Every job's metrics.json, with ``job_dir`` added (where its images are)."""
+    paths = [p for p in sorted(sweep_dir.glob("**/metrics.json")) if "report" not in p.relative_to(sweep_dir).parts]
+    jobs = [{**json.loads(p.read_text()), "job_dir": str(p.parent)} for p in paths]
     if not jobs:
         raise NulltextError(f"no metrics.json under {sweep_dir}: give the directory of a finished run or sweep")
     return jobs
@@ -205,7 +207,7 @@ def plot_pivot_guidance(jobs: list[dict], stem: Path) -> list[Path]:
     return paths
 
 
-def log_to_wandb(jobs: list[dict], sweep_dir: Path, project: str) -> None:
+def log_to_wandb(jobs: list[dict], sweep_dir: Path, project: str, num_images: int = 4) -> None:
     """One wandb run per job, grouped by the sweep, with its curve as line plots and sample images."""
     import wandb
 
@@ -223,6 +225,8 @@ def log_to_wandb(jobs: list[dict], sweep_dir: Path, project: str) -> None:
                     "curve/psnr_vs_seconds": wandb.plot.line(table, "seconds", "psnr", title=f"{name}: PSNR vs time"),
                 }
             )
+            samples = sorted(Path(job["job_dir"]).glob("images/*.png"))[:num_images]
+            run.log({"reconstructions": [wandb.Image(str(p), caption=f"{p.stem}: input | VAE | reconstruction") for p in samples]})
             run.summary.update({k: job[k] for k in ("psnr_mean", "lpips_mean", "vae_psnr_mean") if k in job})
         finally:
             run.finish()
