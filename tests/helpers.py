@@ -1,5 +1,8 @@
 """Composing the real Hydra configs for tests (each test gets its own output dir)."""
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,3 +33,9 @@ def composed(config_name: str, overrides: list[str], output_dir: Path):
             del cfg.hydra
         yield cfg
     GlobalHydra.instance().clear()
+
+
+def run_nulltext(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line (``python -m nulltext ...``) in a subprocess, offline."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "nulltext", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)

@@ -1,20 +1,16 @@
 """The experiment runner end to end: configs, multirun, artifacts, wandb, the API."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers import FAST, composed
+from helpers import FAST, composed, run_nulltext
 from nulltext.cli import CONFIG_DIR, run_inversion, run_reconstruction
 from nulltext.methods import METHODS
 
@@ -26,11 +22,6 @@ RUN_FIELDS = {"method", "model", "images", "psnr_mean", "lpips_mean", "vae_psnr_
 
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def nulltext(*args, cwd, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "nulltext", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -67,7 +58,7 @@ def load_metrics(path):
 
 @pytest.mark.slow
 def test_multirun_over_all_methods_writes_complete_metrics_per_job(tmp_path):
-    result = nulltext(
+    result = run_nulltext(
         "-m",
         f"inversion={','.join(sorted(METHODS))}",
         "model=tiny",
@@ -148,7 +139,7 @@ def wandb_summary(run_dir):
 
 @pytest.mark.slow
 def test_wandb_offline_runs_record_metrics_and_multirun_jobs_do_not_merge(tmp_path):
-    result = nulltext(
+    result = run_nulltext(
         "-m",
         "inversion=ddim,negative_prompt",
         "logger=wandb",
@@ -156,7 +147,7 @@ def test_wandb_offline_runs_record_metrics_and_multirun_jobs_do_not_merge(tmp_pa
         "diffusion.num_inference_steps=3",
         f"hydra.sweep.dir={tmp_path}",
         cwd=tmp_path,
-        env_extra={"WANDB_MODE": "offline"},
+        env={"WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for job in ("0_ddim", "1_negative_prompt"):
@@ -202,7 +193,7 @@ def test_bad_images_are_recorded_as_failed_and_the_others_go_on(tmp_path, caplog
     ],
 )
 def test_unknown_config_names_list_the_options(tmp_path, overrides, message):
-    result = nulltext(*overrides, cwd=tmp_path)
+    result = run_nulltext(*overrides, cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr and "Available options" in result.stderr
 
@@ -216,7 +207,7 @@ def test_unknown_config_names_list_the_options(tmp_path, overrides, message):
     ],
 )
 def test_unavailable_weights_and_bad_paths_give_one_line(tmp_path, overrides, message):
-    result = nulltext(*overrides, cwd=tmp_path)
+    result = run_nulltext(*overrides, cwd=tmp_path)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("nulltext: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]

@@ -25,7 +25,7 @@ from nulltext.data import (
     preprocess_image,
     to_rgb,
 )
-from nulltext.errors import CaptionError, ImageError, NulltextError, UnknownNameError
+from nulltext.errors import ImageError, NulltextError, UnknownNameError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 

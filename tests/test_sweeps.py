@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import FAST, composed
+from helpers import FAST, composed, run_nulltext
 from nulltext.cli import run_inversion
 
 TIMING = {"seconds"}
@@ -54,19 +54,10 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_a_changed_config_recomput
     assert stored["method"]["num_inner_steps"] == 1
 
 
-def run_cli(*args, cwd, env=None):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nulltext", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])
 def test_hydra_launchers_run_every_job(tmp_path, launcher):
-    result = run_cli(
+    result = run_nulltext(
         "-m",
         f"hydra/launcher={launcher}",
         "inversion=ddim,vae",
@@ -85,7 +76,7 @@ def test_ablation_smoke_then_report_gives_every_variant(tmp_path):
     from nulltext.report import PAPER_NAMES
 
     sweep = tmp_path / "sweep"
-    result = run_cli(
+    result = run_nulltext(
         "experiment=ablation_smoke",
         "diffusion.num_inference_steps=3",
         "ablation.global_passes=2",
@@ -95,7 +86,7 @@ def test_ablation_smoke_then_report_gives_every_variant(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = run_cli("report", str(sweep), "--wandb", "nulltext-test", cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    report = run_nulltext("report", str(sweep), "--wandb", "nulltext-test", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert report.returncode == 0, report.stderr[-3000:]
     out = sweep / "report"
     for name in ("ablation.png", "ablation.svg", "ablation.csv", "ablation.md"):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 

@@ -672,7 +672,7 @@ def _edge(distance_px: torch.Tensor) -> torch.Tensor:
 
 def _background(layout: SceneLayout, resolution: int, device: torch.device) -> torch.Tensor:
     """float ``[n, 3, R, R]`` in [0, 255]: a per-pixel mix ``t`` of each colour's two tones."""
-    n, res = len(layout), resolution
+    res = resolution
     x, y = _pixel_grid(res, device)  # [1, R, R]
     kind = layout.kind.to(device)[:, None, None]
     # gradient along a random direction, spanning the whole image
