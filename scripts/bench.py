@@ -49,8 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing (PYTHONPATH=src)
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
+import torch
+import yaml
 
 log = logging.getLogger("bench")
 
@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a CPU device, where "
                    "the tiny model's calls are too small to share; torch's default otherwise); 0 = torch's default")
     p.add_argument("--out", type=Path, default=None, help="write the markdown report here too")
-    p.add_argument("--log", type=Path, default=None, help="full log (default: --out with .log, else bench.log)")
+    p.add_argument("--log", type=Path, default=None, help="full log (default: --out with .log, else outputs/bench/<time>.log)")
     p.add_argument("--json", type=Path, default=None, help="raw results as JSON (default: --out with .json)")
     p.add_argument("--cpu-default", action="store_true", help="time the default offline experiment on the CPU instead "
                    "(tiny model, inversion=vae,ddim,negative_prompt,null_text data.limit=4, through nulltext.cli.run_inversion)")
@@ -106,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch-sizes must be positive integers")
     args.variants = [parse_variant(v, p) for v in args.variant]
     if args.log is None:
-        args.log = args.out.with_suffix(".log") if args.out else Path("bench.log")
+        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        args.log = args.out.with_suffix(".log") if args.out else ROOT / "outputs" / "bench" / f"{stamp}.log"  # git-ignored
     if args.json is None and args.out:
         args.json = args.out.with_suffix(".json")
     return args
@@ -279,7 +280,7 @@ class Report:
     def __init__(self, args, env: dict, setup: dict):
         self.args, self.env, self.setup = args, env, setup
         self.rows: list[dict] = []
-        self.started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -354,6 +355,9 @@ class Report:
         fast = [r for r in self.rows if r["engine"] == "null_text" and r.get("status") == "ok"]
         off = [r for r in fast if r["early_stop"] == "off"]
         lines = ["Goals (computed from this table):", ""]
+        if self.env["card"] == "CPU":
+            lines = ["Goals (computed from this table; a CPU smoke run is NOT evidence for them: they are about "
+                     "the SD1.4-sized model on a GPU):", ""]
         best = max(off, key=lambda r: self.ratios(r)[0] or 0, default=None)
         if best and self.ratios(best)[0] is not None:
             speed = self.ratios(best)[0]
@@ -395,7 +399,11 @@ class Report:
 
 def run_bench(args) -> str:
     from nulltext.diffusion import Diffusion
-    from nulltext.methods import NegativePromptInversion, NullTextInversion, OfficialNullTextInversion
+    from nulltext.methods import (
+        NegativePromptInversion,
+        NullTextInversion,
+        OfficialNullTextInversion,
+    )
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -446,19 +454,24 @@ def run_bench(args) -> str:
                 timed_invert(OfficialNullTextInversion(**warm_settings), warm, z0[:1], captions[:1], device)
             for _, kwargs in fast_engines:
                 for b in args.batch_sizes:
-                    timed_invert(NullTextInversion(**warm_settings, **kwargs), warm, z0[:b], captions[:b], device)
+                    timed_invert(NullTextInversion(**{**warm_settings, **kwargs}), warm, z0[:b], captions[:b], device)
             if "negative_prompt" in args.engines:
                 timed_invert(NegativePromptInversion(), warm, z0[:1], captions[:1], device)
         except torch.OutOfMemoryError as error:
             log.warning("warm-up ran out of memory (%s); the timed runs will report it", str(error).splitlines()[0])
         log.info("warm-up done in %.1f s", time.perf_counter() - t0)
 
-    def over_budget() -> bool:
-        return args.time_budget is not None and time.perf_counter() - t_start > args.time_budget
+    def over_budget(engine: str, batch: int) -> bool:
+        """Past the budget, or would be by the end of this run (predicted from this engine's last run)."""
+        if args.time_budget is None:
+            return False
+        done = [r for r in report.rows if r["engine"] == engine and r.get("status") == "ok"]
+        predicted = done[-1]["seconds_per_image"] * batch * max(1, args.repeats) if done else 0.0
+        return time.perf_counter() - t_start + predicted > args.time_budget
 
     def run(engine: str, early_stop: str, method, batch: int, reference=None, label=None) -> object:
         row = {"engine": engine, "early_stop": early_stop, "batch": label or batch, "images": batch}
-        if over_budget():
+        if over_budget(engine, batch):
             report.add({**row, "status": "skipped (time budget)"})
             return None
         log.info("timing %s, early stop %s, batch %d ...", engine, early_stop, batch)
@@ -479,17 +492,17 @@ def run_bench(args) -> str:
         report.add(row)
         return inversion
 
-    for early_stop in args.early_stop:
+    for n, early_stop in enumerate(args.early_stop):
         reference = None
         if "reference" in args.engines:
             reference = run("null_text_reference", early_stop, OfficialNullTextInversion(**settings(early_stop)),
                             args.reference_images, label="1 (loop)")
         for engine, kwargs in fast_engines:
             for b in args.batch_sizes:
-                run(engine, early_stop, NullTextInversion(**settings(early_stop), **kwargs), b, reference)
-    if "negative_prompt" in args.engines:
-        for b in args.batch_sizes:
-            run("negative_prompt", "n/a", NegativePromptInversion(), b)
+                run(engine, early_stop, NullTextInversion(**{**settings(early_stop), **kwargs}), b, reference)
+        if n == 0 and "negative_prompt" in args.engines:  # cheap, and a goal: before the second early-stop pass
+            for b in args.batch_sizes:
+                run("negative_prompt", "n/a", NegativePromptInversion(), b)
     log.info("benchmark done in %.1f s", time.perf_counter() - t_start)
     return report.markdown()
 

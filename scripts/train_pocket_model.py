@@ -461,6 +461,10 @@ class Trainer:
             if self.step >= total:
                 self._advance_phase()
                 continue
+            if cfg.get("stop_at") and f"{self.phase}:{self.step}" == str(cfg.stop_at):
+                self.save_checkpoint()
+                print(f"stop_at={cfg.stop_at}: continue with resume=true", flush=True)
+                return None
             if self.stop_requested or (cfg.max_minutes is not None and self.elapsed_min() >= cfg.max_minutes):
                 self.save_checkpoint()
                 if cfg.get("finish_on_budget", False) and self.phase == "unet" and not self.stop_requested:

@@ -18,7 +18,7 @@ def test_timesteps_and_final_alpha_are_the_official_ones():
     assert schedule.timesteps == tuple(range(981, 0, -20))
     assert schedule.step_ratio == 20
     # set_alpha_to_one=False: the value past the last step is alpha_bar[0] = 1 - 0.00085.
-    assert schedule.alpha(-19).item() == pytest.approx(0.99915, abs=1e-7)
+    assert schedule.alpha(-19) == pytest.approx(0.99915, abs=1e-7)
 
 
 def test_denoise_step_matches_diffusers_ddim_step(config):

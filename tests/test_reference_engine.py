@@ -66,7 +66,7 @@ def unet_call_recorder(unet):
 @pytest.mark.parametrize("epsilon", [-1.0, 1.0], ids=["early-stop-off", "early-stop-on"])
 def test_fast_engine_equals_reference(latents, epsilon):
     diffusion, z0 = latents
-    settings = dict(num_inner_steps=INNER, early_stop_epsilon=epsilon)
+    settings = {"num_inner_steps": INNER, "early_stop_epsilon": epsilon}
     fast = NullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
     ref = OfficialNullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
     assert fast.iterations == ref.iterations
@@ -76,7 +76,7 @@ def test_fast_engine_equals_reference(latents, epsilon):
         assert len(set(ref.iterations)) == 2 and max(ref.iterations) < STEPS * INNER
     assert ref.uncond.shape == fast.uncond.shape == (2, STEPS, 77, 32)
     assert ref.cond.shape == fast.cond.shape and ref.prompts == fast.prompts
-    assert torch.equal(ref.cond, fast.cond)
+    assert_float32_noise(ref.cond, fast.cond, rel=1e-5)  # per image vs batched text encoder: rounding only
     assert_float32_noise(ref.pivot, fast.pivot, rel=1e-4)
     for b in range(2):
         assert_float32_noise(fast.uncond[b], ref.uncond[b])
@@ -132,7 +132,7 @@ def test_reference_runs_unfrozen_with_explicit_attention_and_restores_the_pipeli
 def test_reference_is_registered_and_batch_independent(latents):
     diffusion, z0 = latents
     assert METHODS["null_text_reference"] is OfficialNullTextInversion
-    method = OfficialNullTextInversion(num_inner_steps=2, early_stop_epsilon=-1.0)
+    method = OfficialNullTextInversion(num_inner_steps=1, early_stop_epsilon=-1.0)
     pair = method.invert(diffusion, z0, PROMPTS, [0, 1])
     single = method.invert(diffusion, z0[1:], PROMPTS[1:], [1])
     # One image at a time: the second image's result does not depend on the first's presence.

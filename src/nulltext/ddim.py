@@ -15,6 +15,7 @@ ones every Stable Diffusion pipeline uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from diffusers import DDIMScheduler
@@ -23,7 +24,7 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def split_model_output(model_output: Tensor, z: Tensor, alpha: Tensor, prediction_type: str) -> tuple[Tensor, Tensor]:
+def split_model_output(model_output: Tensor, z: Tensor, alpha: float, prediction_type: str) -> tuple[Tensor, Tensor]:
     """Return ``(x0_hat, eps)`` for a UNet output evaluated on a latent ``z`` at noise level ``alpha``.
 
     epsilon: eps is the output; x0_hat by DDIM eq. (12).
@@ -31,7 +32,7 @@ def split_model_output(model_output: Tensor, z: Tensor, alpha: Tensor, predictio
     x0_hat = sqrt(a) z - sqrt(1-a) v and eps = sqrt(a) v + sqrt(1-a) z. SD 2.x needs this; applying
     the epsilon formula to v collapses the trajectory.
     """
-    sqrt_a, sqrt_1ma = alpha.sqrt(), (1 - alpha).sqrt()
+    sqrt_a, sqrt_1ma = math.sqrt(alpha), math.sqrt(1 - alpha)
     if prediction_type == "epsilon":
         return (z - sqrt_1ma * model_output) / sqrt_a, model_output
     if prediction_type == "v_prediction":
@@ -39,9 +40,9 @@ def split_model_output(model_output: Tensor, z: Tensor, alpha: Tensor, predictio
     raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
 
 
-def move_to_level(x0_hat: Tensor, eps: Tensor, alpha_to: Tensor) -> Tensor:
+def move_to_level(x0_hat: Tensor, eps: Tensor, alpha_to: float) -> Tensor:
     """DDIM eq. (12), sigma = 0: the latent at level ``alpha_to`` with the same (x0_hat, eps)."""
-    return alpha_to.sqrt() * x0_hat + (1 - alpha_to).sqrt() * eps
+    return math.sqrt(alpha_to) * x0_hat + math.sqrt(1 - alpha_to) * eps
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,18 @@ class DDIMSchedule:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    def alpha(self, t: int) -> Tensor:
-        """alpha_bar at timestep ``t``; the final value for t < 0 (the step past the last one)."""
-        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+    def alpha(self, t: int) -> float:
+        """alpha_bar at timestep ``t``; the final value for t < 0 (the step past the last one).
+
+        A Python number: scaling a GPU tensor by it needs no host-device copy (a tensor table
+        would cost a synchronising copy on every step).
+        """
+        return float(self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod)
 
     def denoise_step(self, model_output: Tensor, t: int, z_t: Tensor) -> Tensor:
         """z_t -> z_{t-k}, with the UNet output evaluated on z_t at timestep t."""
-        a = self.alpha(t).to(z_t)
-        x0_hat, eps = split_model_output(model_output, z_t, a, self.prediction_type)
-        return move_to_level(x0_hat, eps, self.alpha(t - self.step_ratio).to(z_t))
+        x0_hat, eps = split_model_output(model_output, z_t, self.alpha(t), self.prediction_type)
+        return move_to_level(x0_hat, eps, self.alpha(t - self.step_ratio))
 
     def invert_step(self, model_output: Tensor, t: int, z_s: Tensor) -> Tensor:
         """z_{t-k} -> z_t, the UNet output evaluated on the SOURCE latent z_{t-k}.
@@ -97,10 +101,9 @@ class DDIMSchedule:
         The official code evaluates the UNet at the target timestep t (the caller decides which
         timestep it used); the conversion of the output uses the source level, as the latent does.
         """
-        a = self.alpha(t - self.step_ratio).to(z_s)
-        x0_hat, eps = split_model_output(model_output, z_s, a, self.prediction_type)
-        return move_to_level(x0_hat, eps, self.alpha(t).to(z_s))
+        x0_hat, eps = split_model_output(model_output, z_s, self.alpha(t - self.step_ratio), self.prediction_type)
+        return move_to_level(x0_hat, eps, self.alpha(t))
 
     def add_noise(self, z0: Tensor, noise: Tensor, t: int) -> Tensor:
         """Forward process q(z_t | z_0) = N(sqrt(a_t) z_0, (1 - a_t) I) with a given noise draw."""
-        return move_to_level(z0, noise, self.alpha(t).to(z0))
+        return move_to_level(z0, noise, self.alpha(t))

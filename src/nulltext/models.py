@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -89,6 +90,8 @@ def build_random_pipeline(
     Same code paths and per-call cost as a real SD model of the same shape (used by tests and GPU
     benchmarks); its pictures are noise.
     """
+    # Plain containers: Hydra passes ListConfig values, which save_pretrained cannot serialise.
+    unet, vae, text_encoder = (OmegaConf.to_container(OmegaConf.create(c)) for c in (unet, vae, text_encoder))
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(**text_encoder)
     pipe = StableDiffusionPipeline(

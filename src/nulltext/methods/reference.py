@@ -23,8 +23,8 @@ against diffusers' schedulers in ``tests/test_ddim.py``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,152 @@
+"""The pocket model: its training script (tiny config, resume-exact), its export, and the shipped model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+POCKET = ROOT / "models" / "pocket"
+
+
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_pocket_model", ROOT / "scripts" / "train_pocket_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_config(tmp_path: Path, name: str, **overrides):
+    cfg = OmegaConf.load(ROOT / "conf" / "train_pocket.yaml")
+    del cfg["hydra"]  # ${now:} needs Hydra's runtime; the trainer does not use it
+    tiny = {
+        "profile": "test",
+        "device": "cpu",
+        "threads": 1,
+        "bf16": False,
+        "resolution": 16,
+        "output_dir": str(tmp_path / name / "out"),
+        "run_dir": str(tmp_path / name / "run"),
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "save_dtype": "float32",
+        "model": {
+            "vae": {
+                "block_out_channels": [8, 16],
+                "down_block_types": ["DownEncoderBlock2D"] * 2,
+                "up_block_types": ["UpDecoderBlock2D"] * 2,
+                "layers_per_block": 1,
+                "norm_num_groups": 8,
+            },
+            "unet": {
+                "block_out_channels": [16, 32],
+                "layers_per_block": 1,
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                "cross_attention_dim": 16,
+                "attention_head_dim": 8,
+                "norm_num_groups": 8,
+            },
+            "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        },
+        "vae_train": {"steps": 3, "batch_size": 4, "warmup": 1, "photo_fraction": 0.25, "photo_source_resolution": 32, "decoder_steps": 2},
+        "unet_train": {"steps": 4, "batch_size": 4, "warmup": 1, "scale_batches": 1},
+    }
+    return OmegaConf.merge(cfg, tiny, overrides)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            out[f"{f.parent.name}/{k}"] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted tiny run, and the same run cut twice (mid-VAE, mid-UNet) and resumed."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("pocket-train")
+    module = _train_module()
+    whole = module.train(_tiny_config(tmp, "whole"))
+    assert module.train(_tiny_config(tmp, "split", stop_at="vae:1")) is None
+    assert module.train(_tiny_config(tmp, "split", stop_at="unet:2", resume=True)) is None
+    ckpt = torch.load(tmp / "split" / "run" / "checkpoint.pt", weights_only=False)
+    assert (ckpt["phase"], ckpt["step"]) == ("unet", 2)
+    split = module.train(_tiny_config(tmp, "split", resume=True))
+    return whole, split, tmp
+
+
+def test_training_resumes_to_the_same_weights(trained):
+    whole, split, tmp = trained
+    a, b = _weights(whole), _weights(split)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    curves = (tmp / "whole" / "run" / "curves.csv").read_text().splitlines()
+    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min"]
+    assert len(curves) == 1 + 3 + 2 + 4
+
+
+def test_saved_folder_loads_with_load_pipeline(trained):
+    from nulltext.models import load_pipeline
+
+    whole, _, _ = trained
+    assert not (whole / "tokenizer" / "tokenizer.json").exists()  # the compact vocab.json + merges.txt instead
+    pipe = load_pipeline(str(whole))
+    assert pipe.vae.config.scaling_factor > 0 and pipe.unet.dtype == torch.float32
+    assert pipe.tokenizer("a large red circle").input_ids == [49406, 320, 3638, 736, 7117, 49407]
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 16
+
+
+needs_pocket = pytest.mark.skipif(not (POCKET / "model_index.json").exists(), reason="models/pocket is not trained here")
+
+
+@needs_pocket
+def test_shipped_pocket_is_small_and_loads_from_its_config(tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    size = sum(f.stat().st_size for f in POCKET.rglob("*") if f.is_file())
+    assert size <= 45 * 2**20, f"models/pocket is {size / 2**20:.1f} MiB"
+    monkeypatch.chdir(tmp_path)  # the model config must not depend on the working directory
+    pipe = instantiate(OmegaConf.load(ROOT / "conf" / "model" / "pocket.yaml"))
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert abs(pipe.vae.config.scaling_factor - 0.18215) > 1e-6  # measured, not SD's constant
+
+
+@needs_pocket
+@pytest.mark.slow
+def test_pocket_null_text_beats_ddim_inversion_near_the_vae_bound():
+    """The paper's ordering on two held-out scenes (measured by scripts/evaluate_pocket_model.py)."""
+    from nulltext.diffusion import Diffusion
+    from nulltext.methods import DDIMInversion, NullTextInversion, VAEReconstruction, image_seed
+    from nulltext.metrics import psnr_per_image
+    from nulltext.models import pipeline_resolution
+    from nulltext.pocket import load_pocket
+    from nulltext.reconstruction import reconstruct
+    from nulltext.scenes import ScenesDataset
+
+    torch.set_num_threads(1)
+    pipe = load_pocket()
+    diffusion = Diffusion(pipe, num_inference_steps=50, guidance_scale=7.5)
+    data = ScenesDataset(pipeline_resolution(pipe), num_images=2, seed=2, split="heldout")
+    items = [data[i] for i in range(len(data))]
+    images = torch.stack([it["image"] for it in items])
+    captions = [it["caption"] for it in items]
+    seeds = [image_seed(0, it["id"]) for it in items]
+    z0 = diffusion.encode_images(images)
+
+    def psnr(method) -> float:
+        rec = reconstruct(diffusion, method.invert(diffusion, z0, captions, seeds)).images
+        return psnr_per_image(rec.float() / 255, images.float() / 255).mean().item()
+
+    vae, ddim, nti = psnr(VAEReconstruction()), psnr(DDIMInversion()), psnr(NullTextInversion(num_inner_steps=10))
+    assert ddim < nti, (ddim, nti)
+    assert vae - nti <= 1.0, (vae, nti)
