@@ -85,6 +85,7 @@ def test_ablation_smoke_then_report_gives_every_variant(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_nulltext(
         "experiment=ablation_smoke",
+        "model=tiny",
         "diffusion.num_inference_steps=3",
         "ablation.global_passes=2",
         "ablation.denoising_iterations=6",

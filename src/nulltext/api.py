@@ -25,7 +25,7 @@ from nulltext.reconstruction import reconstruct, to_uint8
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
-def load_pipeline(name_or_path: str = "tiny", **overrides) -> StableDiffusionPipeline:
+def load_pipeline(name_or_path: str = "pocket", **overrides) -> StableDiffusionPipeline:
     """A frozen float32 pipeline: a model config name (``tiny``, ``sd14``, ...), a hub id or a local folder."""
     config_file = MODEL_CONFIGS / f"{name_or_path}.yaml"
     if "/" not in name_or_path and config_file.exists():
