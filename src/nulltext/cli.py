@@ -111,7 +111,10 @@ class SummaryTable(Callback):
     """After a multirun, print one table row per job from the jobs' metrics.json files."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        rows = [json.loads(p.read_text()) for p in sorted(Path(config.hydra.sweep.dir).glob("*/metrics.json"))]
+        paths = Path(config.hydra.sweep.dir).glob("*/metrics.json")
+        # Job folders are "<n>_<method>": order by the job number, not as strings ("10" < "2").
+        by_job = sorted(paths, key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 0, p.parent.name))
+        rows = [json.loads(p.read_text()) for p in by_job]
         if rows:
             print(format_table(rows))
 
