@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
 from nulltext.io import atomic_write_text
@@ -127,6 +129,9 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
     kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": torch.float32}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
+    # Loading bars would bury the results table (they are per component, and jobs load often).
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else path, revision=revision, **kwargs)
     except (OSError, EnvironmentError, ValueError) as error:
