@@ -126,7 +126,7 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
             f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
             "or one of the model configs (model=tiny, sd14, sd15, sd21_base)"
         )
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": torch.float32}
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch.float32}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     # Loading bars would bury the results table (they are per component, and jobs load often).
