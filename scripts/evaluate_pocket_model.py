@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from nulltext.data import SAMPLE_IDS, SampleImages  # noqa: E402
+from nulltext.data import SampleImages  # noqa: E402
 from nulltext.diffusion import Diffusion  # noqa: E402
 from nulltext.methods import (  # noqa: E402
     DDIMInversion,
@@ -253,7 +253,9 @@ def main(argv=None) -> dict:
     pipe = load_pipeline(args.model)
     diffusion = Diffusion(pipe, num_inference_steps=args.steps, guidance_scale=7.5)
     res = pipeline_resolution(pipe)
-    report = {"model": args.model, "resolution": res, "latent_size": pipe.unet.config.sample_size, "steps": args.steps, "seed": args.seed, "threads": args.threads}
+    # Recorded relative to the repository when inside it: reports must not carry a machine's paths.
+    model_name = str(Path(args.model).resolve().relative_to(ROOT)) if Path(args.model).resolve().is_relative_to(ROOT) else args.model
+    report = {"model": model_name, "resolution": res, "latent_size": pipe.unet.config.sample_size, "steps": args.steps, "seed": args.seed, "threads": args.threads}
     training = Path(args.model) / "training.json"
     if training.exists():
         info = json.loads(training.read_text())
