@@ -434,7 +434,6 @@ class Trainer:
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path | None:
-        cfg = self.cfg
         self.t0 = time.monotonic()
         handler_prev = {}
 
