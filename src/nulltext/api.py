@@ -18,7 +18,7 @@ from nulltext.artifacts import load_artifact
 from nulltext.data import load_image, preprocess_image
 from nulltext.diffusion import Diffusion
 from nulltext.methods import Inversion, image_seed, make_method
-from nulltext.metrics import load_lpips, lpips_per_image, psnr_per_image
+from nulltext.metrics import load_lpips, score_uint8
 from nulltext.models import pipeline_resolution
 from nulltext.reconstruction import reconstruct, to_uint8
 
@@ -72,12 +72,13 @@ def invert(
         inversion = inverter.invert(diffusion, z0, [prompt], [image_seed(seed, "image")])
     seconds = time.perf_counter() - start
     recon = reconstruct(diffusion, inversion).images
-    target = pixels.float() / 255
     lpips_model, lpips_spec = load_lpips("alex", device=diffusion.device)
+    psnr, lpips = score_uint8(lpips_model, recon, pixels)
+    vae_psnr, _ = score_uint8(lpips_model, to_uint8(diffusion.decode(z0)), pixels)
     metrics = {
-        "psnr": psnr_per_image(recon.float() / 255, target).item(),
-        "lpips": lpips_per_image(lpips_model, recon.float() / 255, target).item(),
-        "vae_psnr": psnr_per_image(to_uint8(diffusion.decode(z0)).float() / 255, target).item(),
+        "psnr": psnr.item(),
+        "lpips": lpips.item(),
+        "vae_psnr": vae_psnr.item(),
         "iterations": inversion.iterations[0],
         "seconds": seconds,
         "lpips_spec": lpips_spec,

@@ -258,3 +258,9 @@ def _build_lpips(net: str, features: dict[str, Tensor]) -> lpips.LPIPS:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def score_uint8(lpips_model: lpips.LPIPS, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image (PSNR, LPIPS) of uint8 [B,3,H,W] images against uint8 targets, as every run reports them."""
+    pred, target = images.float() / 255, targets.float() / 255
+    return psnr_per_image(pred, target), lpips_per_image(lpips_model, pred, target)

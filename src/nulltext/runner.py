@@ -24,7 +24,7 @@ from nulltext.artifacts import save_artifact
 from nulltext.diffusion import Diffusion
 from nulltext.io import atomic_write, atomic_write_json
 from nulltext.methods import Inversion, InversionMethod, image_seed
-from nulltext.metrics import load_lpips, lpips_per_image, psnr_per_image
+from nulltext.metrics import load_lpips, psnr_per_image, score_uint8
 from nulltext.provenance import provenance
 from nulltext.reconstruction import Reconstruction, latent_errors, reconstruct, to_uint8
 
@@ -147,8 +147,7 @@ class InversionModule(L.LightningModule):
         def evaluate(inversion: Inversion, seconds: float) -> tuple[torch.Tensor, torch.Tensor, Reconstruction]:
             """Reconstruct and score; every evaluation is also a point of the image's curve."""
             recon = reconstruct(self.diffusion, inversion)
-            pixels = recon.images.float() / 255
-            psnr, lpips = psnr_per_image(pixels, target), lpips_per_image(self.lpips, pixels, target)
+            psnr, lpips = score_uint8(self.lpips, recon.images, images)
             for b, curve in enumerate(curves):
                 curve.append({"iterations": inversion.iterations[b], "seconds": seconds, "psnr": psnr[b].item(), "lpips": lpips[b].item()})
             return psnr, lpips, recon
