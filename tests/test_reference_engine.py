@@ -62,12 +62,24 @@ def unet_call_recorder(unet):
 
 
 # epsilon -1: never stops (every step takes N iterations); 1.0: on the tiny model the two images
-# stop at different iterations, so per-image early stopping is compared too.
-@pytest.mark.parametrize("epsilon", [-1.0, 1.0], ids=["early-stop-off", "early-stop-on"])
-def test_fast_engine_equals_reference(latents, epsilon):
+# stop at different iterations, so per-image early stopping is compared too. Every float32 form of
+# the fast engine: stopped images dropped from the batch (default) or masked in a static batch,
+# eager or compiled (the compiled UNet is built once, ~1 min on a 2-core CPU).
+@pytest.mark.parametrize(
+    "epsilon, engine",
+    [
+        (-1.0, {}),
+        (1.0, {}),
+        (-1.0, {"static_batch": True}),
+        (1.0, {"static_batch": True}),
+        (1.0, {"static_batch": True, "compile": "default"}),
+    ],
+    ids=["early-stop-off", "early-stop-on", "static-early-stop-off", "static-early-stop-on", "static-compiled"],
+)
+def test_fast_engine_equals_reference(latents, epsilon, engine):
     diffusion, z0 = latents
     settings = {"num_inner_steps": INNER, "early_stop_epsilon": epsilon}
-    fast = NullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
+    fast = NullTextInversion(**settings, **engine).invert(diffusion, z0, PROMPTS, [0, 1])
     ref = OfficialNullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
     assert fast.iterations == ref.iterations
     if epsilon < 0:
@@ -138,3 +150,69 @@ def test_reference_is_registered_and_batch_independent(latents):
     # One image at a time: the second image's result does not depend on the first's presence.
     assert torch.equal(pair.uncond[1], single.uncond[0])
     assert torch.equal(pair.z_T[1], single.z_T[0])
+
+
+@pytest.mark.parametrize("static_batch", [False, True])
+def test_fast_engine_call_pattern(latents, static_batch):
+    """Per step: one conditional call of batch B, the inner calls with autograd (a stopped image
+    leaves the batch, or stays in a static one), one advance of batch B (the conditional
+    prediction is reused, not recomputed in a 2B batch); weights frozen, SDPA attention."""
+    diffusion, z0 = latents
+    calls, handle = unet_call_recorder(diffusion.unet)
+    try:
+        inversion = NullTextInversion(num_inner_steps=INNER, early_stop_epsilon=1.0, static_batch=static_batch).invert(
+            diffusion, z0, PROMPTS, [0, 1]
+        )
+    finally:
+        handle.remove()
+    assert len(set(inversion.iterations)) == 2, "the images must stop at different iterations"
+    pivot, loop = calls[:STEPS], calls[STEPS:]
+    assert [(c["batch"], c["grad_enabled"]) for c in pivot] == [(2, False)] * STEPS
+    inner_batches, steps_seen = [], 0
+    for c in loop:
+        if c["grad_enabled"]:
+            inner_batches.append(c["batch"])
+        else:
+            steps_seen += 1
+            assert c["batch"] == 2  # the conditional call, then the advance: B, never 2B
+    assert steps_seen == 2 * STEPS
+    if static_batch:
+        assert set(inner_batches) == {2} and len(inner_batches) == max(inversion.iterations)
+    else:
+        assert set(inner_batches) == {1, 2} and sum(inner_batches) == sum(inversion.iterations)
+    assert not any(c["requires_grad"] or c["weight_grad"] for c in calls)
+    assert all(c["processor"] is not AttnProcessor for c in calls)
+
+
+def test_reduced_precision_options(latents):
+    """bf16 autocast changes the inner loop's arithmetic only (not the pivot); tf32 sets the float32
+    matmul precision to "high" during the inner calls and restores the caller's setting."""
+    diffusion, z0 = latents
+    settings = {"num_inner_steps": INNER, "early_stop_epsilon": -1.0}
+    exact = NullTextInversion(**settings).invert(diffusion, z0, PROMPTS, [0, 1])
+    bf16 = NullTextInversion(**settings, precision="bf16").invert(diffusion, z0, PROMPTS, [0, 1])
+    assert torch.equal(bf16.pivot, exact.pivot)
+    rel = ((bf16.uncond - exact.uncond).norm() / exact.uncond.norm()).item()
+    assert 1e-3 < rel < 0.1  # visibly not float32, still the same optimisation
+
+    seen = []
+    handle = diffusion.unet.register_forward_hook(
+        lambda *args: seen.append((torch.is_grad_enabled(), torch.get_float32_matmul_precision()))
+    )
+    try:
+        NullTextInversion(**settings, precision="tf32").invert(diffusion, z0, PROMPTS, [0, 1])
+    finally:
+        handle.remove()
+    assert {p for grad, p in seen if grad} == {"high"} and {p for grad, p in seen if not grad} == {"highest"}
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+@pytest.mark.parametrize("option", [{"precision": "fp16"}, {"compile": "fast"}])
+def test_engine_options_are_checked(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        NullTextInversion(**option)
+
+
+def test_reference_rejects_fast_engine_options():
+    with pytest.raises(ValueError, match="official loop"):
+        OfficialNullTextInversion(precision="bf16")

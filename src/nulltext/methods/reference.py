@@ -70,6 +70,14 @@ class OfficialNullTextInversion(NullTextInversion):
 
     name = "null_text_reference"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.static_batch or self.compile is not None or self.precision != "float32":
+            raise ValueError(
+                "null_text_reference runs the official loop (eager, float32, one image at a time): "
+                "static_batch, compile and precision are options of null_text, the fast engine"
+            )
+
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
