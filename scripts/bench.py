@@ -352,25 +352,30 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def goals(self) -> list[str]:
-        fast = [r for r in self.rows if r["engine"] == "null_text" and r.get("status") == "ok"]
+        # Every fast-engine row counts (the plain engine and its --variant rows); the speed goal
+        # takes the fastest one whose result equals the reference's.
+        fast = [r for r in self.rows if r["engine"].startswith("null_text") and r["engine"] != "null_text_reference"
+                and r.get("status") == "ok"]
         off = [r for r in fast if r["early_stop"] == "off"]
         lines = ["Goals (computed from this table):", ""]
         if self.env["card"] == "CPU":
             lines = ["Goals (computed from this table; a CPU smoke run is NOT evidence for them: they are about "
                      "the SD1.4-sized model on a GPU):", ""]
-        best = max(off, key=lambda r: self.ratios(r)[0] or 0, default=None)
+        def equal(row: dict) -> bool:
+            check = row.get("check")
+            return check is not None and check["uncond_rel"] < 1e-3 and check["recon_rel"] < 1e-3
+
+        best = max(off, key=lambda r: (equal(r), self.ratios(r)[0] or 0), default=None)
         if best and self.ratios(best)[0] is not None:
-            speed = self.ratios(best)[0]
-            check = best.get("check")
-            equal = check is not None and check["uncond_rel"] < 1e-3 and check["recon_rel"] < 1e-3
+            speed, check = self.ratios(best)[0], best.get("check")
             lines.append(f"- fast engine >= 8x reference images/min, early stopping off, equal float32 result: "
-                         f"{speed:.2f}x at batch {best['batch']}, result "
-                         f"{'equal (rel. err. < 1e-3)' if equal else ('NOT checked' if check is None else 'DIFFERENT')}"
-                         f" -> {'met' if speed >= 8 and equal else 'not met'}")
+                         f"{speed:.2f}x ({best['engine']}, batch {best['batch']}), result "
+                         f"{'equal (rel. err. < 1e-3)' if equal(best) else ('NOT checked' if check is None else 'DIFFERENT')}"
+                         f" -> {'met' if speed >= 8 and equal(best) else 'not met'}")
         else:
             lines.append("- fast engine >= 8x reference images/min: not measured")
         for batch, limit in ((1, 6), (8, 24)):
-            row = next((r for r in off if r["batch"] == batch), None)
+            row = next((r for r in off if r["batch"] == batch and r["engine"] == "null_text"), None)
             if row is None or row.get("peak_bytes") is None:
                 lines.append(f"- peak memory <= {limit} GB at batch {batch}: n/a" + (" (CPU)" if self.env["card"] == "CPU" else ""))
             else:
