@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log", type=Path, default=None, help="full log (default: --out with .log, else outputs/bench/<time>.log)")
     p.add_argument("--json", type=Path, default=None, help="raw results as JSON (default: --out with .json)")
     p.add_argument("--cpu-default", action="store_true", help="time the default offline experiment on the CPU instead "
-                   "(tiny model, inversion=vae,ddim,negative_prompt,null_text data.limit=4, through nulltext.cli.run_inversion)")
+                   "(the default model, inversion=vae,ddim,negative_prompt,null_text data.limit=4, through nulltext.cli.run_inversion)")
     p.add_argument("--limit", type=int, default=4, help="--cpu-default: data.limit (4)")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -528,7 +528,7 @@ def run_cpu_default(args) -> str:
     rows, total = [], 0.0
     with tempfile.TemporaryDirectory(prefix="nulltext-bench-") as tmp:
         for method in methods:
-            overrides = ["model=tiny", f"inversion={method}", f"data.limit={args.limit}", "trainer=cpu"]
+            overrides = [f"inversion={method}", f"data.limit={args.limit}", "trainer=cpu"]
             if args.steps:
                 overrides.append(f"diffusion.num_inference_steps={args.steps}")
             GlobalHydra.instance().clear()
@@ -557,7 +557,7 @@ def run_cpu_default(args) -> str:
         "",
         f"- `nulltext -m inversion=vae,ddim,negative_prompt,null_text data.limit={args.limit}`"
         + (f" diffusion.num_inference_steps={args.steps}" if args.steps else "")
-        + " equivalent, in one process through `nulltext.cli.run_inversion` (tiny model, trainer=cpu)",
+        + " equivalent, in one process through `nulltext.cli.run_inversion` (the default model, trainer=cpu)",
         f"- CPU {env['cpu']}, {env['threads']} torch threads, {os.cpu_count()} cores visible; torch {env['torch']}, "
         f"diffusers {env['diffusers']}; nulltext commit `{env['git_commit']}`{dirty}",
         "",
