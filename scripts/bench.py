@@ -91,6 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write the markdown report here too")
     p.add_argument("--log", type=Path, default=None, help="full log (default: --out with .log, else outputs/bench/<time>.log)")
     p.add_argument("--json", type=Path, default=None, help="raw results as JSON (default: --out with .json)")
+    p.add_argument("--profile", type=int, default=None, metavar="BATCH", help="after the timed runs, profile one "
+                   "fast-engine run at this batch size (--profile-steps DDIM steps, early stopping off): where the time "
+                   "goes, and how busy the device is; table in the report, Chrome trace beside --out")
+    p.add_argument("--profile-steps", type=int, default=2, help="DDIM steps of the profiled run (2)")
+    p.add_argument("--profile-variant", default=None, help="profile this --variant LABEL instead of the plain engine")
     p.add_argument("--cpu-default", action="store_true", help="time the default offline experiment on the CPU instead "
                    "(the default model, inversion=vae,ddim,negative_prompt,null_text data.limit=4, through nulltext.cli.run_inversion)")
     p.add_argument("--limit", type=int, default=4, help="--cpu-default: data.limit (4)")
@@ -105,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(b < 1 for b in args.batch_sizes) or not args.batch_sizes:
         p.error("--batch-sizes must be positive integers")
     args.variants = [parse_variant(v, p) for v in args.variant]
+    if args.profile_variant is not None and args.profile_variant not in {label for label, _ in args.variants}:
+        p.error(f"--profile-variant {args.profile_variant!r} is not the label of a --variant")
     if args.log is None:
         stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
         args.log = args.out.with_suffix(".log") if args.out else ROOT / "outputs" / "bench" / f"{stamp}.log"  # git-ignored
@@ -280,6 +287,7 @@ class Report:
     def __init__(self, args, env: dict, setup: dict):
         self.args, self.env, self.setup = args, env, setup
         self.rows: list[dict] = []
+        self.profile: dict | None = None
         self.started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     def add(self, row: dict) -> None:
@@ -349,6 +357,14 @@ class Report:
                   "against the reference with early stopping on, the official default, if measured). Peak = "
                   "torch.cuda.max_memory_allocated, weights included, reset before each run.", ""]
         lines += self.goals()
+        if self.profile:
+            p = self.profile
+            busy = p["device_busy_fraction"]
+            lines += ["", f"#### Profile: null_text ({p['variant']}), batch {p['batch']}, {p['steps']} DDIM steps, "
+                      f"early stopping off, {p['seconds']:.2f} s under the profiler", ""]
+            if busy is not None:
+                lines.append(f"Device busy (sum of kernel time / wall time): {100 * busy:.0f}%.")
+            lines += ["", "```", p["table"].rstrip(), "```"]
         return "\n".join(lines) + "\n"
 
     def goals(self) -> list[str]:
@@ -399,7 +415,8 @@ class Report:
             self.args.out.write_text(text)
         if self.args.json:
             self.args.json.parent.mkdir(parents=True, exist_ok=True)
-            self.args.json.write_text(json.dumps({"environment": self.env, "setup": self.setup, "rows": self.rows}, indent=2, default=str))
+            self.args.json.write_text(json.dumps({"environment": self.env, "setup": self.setup, "rows": self.rows,
+                                                  "profile": self.profile}, indent=2, default=str))
 
 
 def run_bench(args) -> str:
@@ -508,8 +525,44 @@ def run_bench(args) -> str:
         if n == 0 and "negative_prompt" in args.engines:  # cheap, and a goal: before the second early-stop pass
             for b in args.batch_sizes:
                 run("negative_prompt", "n/a", NegativePromptInversion(), b)
+    if args.profile:
+        kwargs = dict(args.variants).get(args.profile_variant, {})
+        method = NullTextInversion(num_inner_steps=args.inner_steps, early_stop_epsilon=-1.0, **kwargs)
+        short = Diffusion(pipe, num_inference_steps=args.profile_steps, guidance_scale=args.guidance_scale)
+        batch = args.profile
+        z_profile = z0[torch.arange(batch) % n_images]
+        timed_invert(method, short, z_profile, [captions[i % n_images] for i in range(batch)], device)  # warm
+        report.profile = profile_run(method, short, z_profile, [captions[i % n_images] for i in range(batch)], device, args)
+        report.write()
     log.info("benchmark done in %.1f s", time.perf_counter() - t_start)
     return report.markdown()
+
+
+def profile_run(method, diffusion, z0, captions, device, args) -> dict:
+    """One run under torch.profiler: the top operators by self time on the device (CPU: host), and the
+    fraction of the wall time the device spent in kernels (well below 1: launch overhead / host waits)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _, seconds, _ = timed_invert(method, diffusion, z0, captions, device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / 1e6 if device.type == "cuda" else None
+    result = {
+        "variant": args.profile_variant or "plain",
+        "batch": z0.shape[0],
+        "steps": diffusion.schedule.num_steps,
+        "seconds": seconds,
+        "device_busy_fraction": busy / seconds if busy is not None else None,
+        "table": events.table(sort_by=key, row_limit=20),
+    }
+    if args.out:
+        trace = args.out.with_suffix(".trace.json")
+        prof.export_chrome_trace(str(trace))
+        result["trace"] = str(trace)
+    log.info("profile:\n%s", result["table"])
+    return result
 
 
 # -- the default offline experiment on the CPU -----------------------------------------------

@@ -531,10 +531,12 @@ class Trainer:
         pipe = self.pipeline()
         if cfg.save_dtype == "float16":
             pipe.to(torch.float16)
-        if out.exists():
-            shutil.rmtree(out)
-        pipe.save_pretrained(out, safe_serialization=True)
-        compact_tokenizer(out / "tokenizer")
+        # Written beside the destination and renamed into place: a cut-short export never looks complete.
+        staging = out.with_name(out.name + ".partial")
+        if staging.exists():
+            shutil.rmtree(staging)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        compact_tokenizer(staging / "tokenizer")
         info = {
             "scaling_factor": self.scaling_factor,
             "resolution": cfg.resolution,
@@ -546,7 +548,10 @@ class Trainer:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in self.models.items()},
         }
-        (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"saved {out} ({size / 1e6:.1f} MB, scaling_factor {self.scaling_factor:.4f})", flush=True)
         return out

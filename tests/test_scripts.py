@@ -39,7 +39,8 @@ def test_bench_reports_every_engine_with_its_result_check(tmp_path):
     bench = load_script("bench")
     out = tmp_path / "bench.md"
     args = ["--model", "tiny", "--steps", "2", "--inner-steps", "2", "--batch-sizes", "1,2", "--early-stop", "off",
-            "--variant", "static:static_batch=true", "--warmup-steps", "1", "--out", str(out)]
+            "--variant", "static:static_batch=true", "--warmup-steps", "1", "--profile", "2", "--profile-steps", "1",
+            "--profile-variant", "static", "--out", str(out)]
     assert bench.main(args) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     engines = [(r["engine"], r["batch"]) for r in rows]
@@ -51,8 +52,11 @@ def test_bench_reports_every_engine_with_its_result_check(tmp_path):
             assert row["iterations"] == [2 * 2] * row["images"]  # early stopping off: S * N each
         if row["engine"] in ("null_text", "null_text[static]"):
             assert row["check"]["iterations_equal"] and row["check"]["uncond_rel"] < 1e-3
+    profile = json.loads(out.with_suffix(".json").read_text())["profile"]
+    assert (profile["variant"], profile["batch"], profile["steps"]) == ("static", 2, 1)
+    assert "aten::" in profile["table"] and Path(profile["trace"]).stat().st_size > 0
     text = out.read_text()
-    assert "| null_text[static] | off | 2 | 2 |" in text
+    assert "| null_text[static] | off | 2 | 2 |" in text and "#### Profile: null_text (static), batch 2" in text
     assert "result equal (rel. err. < 1e-3)" in text and "a CPU smoke run is NOT evidence" in text
 
 
