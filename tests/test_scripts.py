@@ -64,13 +64,14 @@ def test_precision_check_compares_against_float32(tmp_path):
     check = load_script("precision_check")
     out = tmp_path / "precision.md"
     args = ["--model", "tiny", "--steps", "2", "--inner-steps", "2", "--photos", "2", "--scenes", "1",
-            "--precisions", "bf16", "--out", str(out)]
+            "--precisions", "bf16,tf32", "--out", str(out)]
     assert check.main(args) == 0
     data = json.loads(out.with_suffix(".json").read_text())
-    assert list(data["results"]) == ["float32", "bf16"] and len(data["ids"]) == 3
+    assert list(data["results"]) == ["float32", "bf16", "tf32"] and len(data["ids"]) == 3
     fp32, bf16 = data["results"]["float32"], data["results"]["bf16"]
     assert fp32["delta_db"] == 0 and len(bf16["psnr"]) == 3
     expected = sum(bf16["psnr"]) / 3 - sum(fp32["psnr"]) / 3
     assert bf16["delta_db"] == pytest.approx(expected)
     assert bf16["within_tolerance"] == (abs(expected) <= 0.1)
-    assert "| bf16 |" in out.read_text()
+    assert data["results"]["tf32"]["within_tolerance"] is None  # a CPU cannot test TF32
+    assert "| bf16 |" in out.read_text() and "not tested (no TF32 on a CPU)" in out.read_text()
