@@ -281,6 +281,29 @@ def test_local_blend_mask_rule():
     assert torch.equal(out[1, 0], expected) and torch.equal(out[0], latents[0])
 
 
+def test_blend_resolution_picks_the_maps_of_that_side():
+    """8x8 latents: the official rule takes the 2x2 maps (a quarter of the side), whose mask covers
+    everything; blend_resolution=4 takes the 4x4 maps and a local mask; a side without maps is an error."""
+
+    def blend_for(side):
+        settings = EditSettings.from_dict({"mode": "replace", "blend_words": ["cat", "dog"], "blend_resolution": side})
+        blend = build_controller(settings).find(LocalBlend)
+        blend.prompts, blend.latent_shape = ["s", "t"], (8, 8)
+        blend.word_weights = torch.tensor([[0, 1.0], [0, 1.0]])
+        fine = torch.zeros(2, 16, 2)
+        fine[:, :, 0], fine[:, 0, 1] = 1.0, 1.0  # the word attends to the top-left cell only
+        blend.sums = {16: fine, 4: torch.full((2, 4, 2), 0.5)}
+        return blend
+
+    assert blend_for(None).compute_mask().mean() == 1.0
+    mask = blend_for(4).compute_mask()[1, 0]
+    expected = torch.zeros(8, 8)
+    expected[:4, :4] = 1  # the 3x3 max-pool of the top-left cell of a 4x4 map, at 8x8
+    assert torch.equal(mask, expected)
+    with pytest.raises(EditError, match=r"blend_resolution 8: no cross-attention maps of that side; this model has \[2, 4\]"):
+        blend_for(8).compute_mask()
+
+
 # ---------------------------------------------------------------------------------- processors
 def test_processor_without_controller_matches_diffusers_default(diffusion):
     unet = diffusion.unet

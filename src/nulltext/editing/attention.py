@@ -400,6 +400,7 @@ class LocalBlend(AttentionController):
             ``[source_word(s), target_word(s)]`` applied to every target, or one word for all.
         threshold: on the max-normalised map (0.3 in the official code).
         start: fraction of the steps before blending starts (0.2).
+        queries: the maps to use (side squared); None: :func:`pick_resolution`'s choice.
     """
 
     def __init__(
@@ -456,6 +457,9 @@ class LocalBlend(AttentionController):
     def compute_mask(self) -> Tensor:
         """[P, 1, h, w] float {0, 1} latent mask from the maps summed so far (row 0 = source's own)."""
         queries = self.queries or pick_resolution(list(self.sums), self.latent_shape)
+        if queries not in self.sums:
+            sides = sorted(self.map_side(q)[0] for q in self.sums)
+            raise EditError(f"blend_resolution {self.map_side(queries)[0]}: no cross-attention maps of that side; this model has {sides}")
         maps = self.sums[queries]  # [P, queries, keys]
         h, w = self.map_side(queries)
         word_maps = (maps * self.word_weights.to(maps)[:, None, :]).sum(-1).reshape(-1, 1, h, w)

@@ -28,6 +28,7 @@ SETTING_KEYS = (
     "blend_words",
     "blend_threshold",
     "blend_start",
+    "blend_resolution",
     "self_replace_max_tokens",
     "strength",
 )
