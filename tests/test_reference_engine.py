@@ -216,3 +216,7 @@ def test_engine_options_are_checked(option):
 def test_reference_rejects_fast_engine_options():
     with pytest.raises(ValueError, match="official loop"):
         OfficialNullTextInversion(precision="bf16")
+
+
+def test_compile_implies_a_static_batch():
+    assert NullTextInversion(compile="default").static_batch and not NullTextInversion().static_batch

@@ -45,7 +45,8 @@ class NullTextInversion(InversionMethod):
             that every inner call has the same shape: what ``compile`` and CUDA graphs need. Off,
             stopped images leave the batch (fewer FLOPs, one host synchronisation per iteration).
         compile: ``torch.compile`` mode for the UNet calls of the loop (``"default"``,
-            ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``), or None for eager.
+            ``"reduce-overhead"`` = CUDA graphs, ``"max-autotune"``), or None for eager. Implies
+            ``static_batch``.
         precision: arithmetic of the inner optimisation's UNet calls: ``"float32"`` (the paper's),
             ``"bf16"`` (bfloat16 autocast) or ``"tf32"`` (TensorFloat-32 matmuls, CUDA only). The
             pivot and the advance stay float32. Reduced precisions are options only: see
@@ -80,7 +81,7 @@ class NullTextInversion(InversionMethod):
         self.lr_decay = float(lr_decay)
         self.early_stop_epsilon = float(early_stop_epsilon)
         self.early_stop_slope = float(early_stop_slope)
-        self.static_batch = bool(static_batch)
+        self.static_batch = bool(static_batch) or compile is not None  # a changing batch would recompile
         self.compile = compile
         self.precision = precision
         self._compiled: tuple[torch.nn.Module, Callable] | None = None
