@@ -15,7 +15,12 @@ all with nulltext's own classes (Diffusion, the inversion methods, reconstruct, 
       latent size and back up (both quantised to uint8 the same way);
 (iii) the paper's ablation ordering (ALGORITHM.md section 6) on a few held-out scenes: VAE bound,
       DDIM inversion sampled at 7.5 (and 1), per-step null-text (N=10), random pivot (N=10),
-      global null-text (10 passes = the same 500 iterations); on photos null-text N=10 and N=20.
+      global null-text (10 passes = the same 500 iterations); on photos null-text N=10 and N=20;
+(iv)  editability: Prompt-to-Prompt needs a word's cross-attention to sit on its object. One
+      object per scene (every colour once), null-text inverted and sampled back with an
+      AttentionStore; the colour word's map (the finest cross-attention maps, averaged over steps,
+      layers and heads) against the object's pixels: the share of the map's mass on the object,
+      and that share over the object's share of the image (1 = no localisation).
 """
 
 from __future__ import annotations
@@ -47,7 +52,20 @@ from nulltext.methods import (  # noqa: E402
 from nulltext.metrics import psnr_per_image  # noqa: E402
 from nulltext.models import load_pipeline, pipeline_resolution  # noqa: E402
 from nulltext.reconstruction import reconstruct, to_uint8  # noqa: E402
-from nulltext.scenes import SceneChecker, ScenesDataset  # noqa: E402
+from nulltext.editing import AttentionStore, edit  # noqa: E402
+from nulltext.editing.tokens import word_positions  # noqa: E402
+from nulltext.scenes import (  # noqa: E402
+    BACKGROUND_COLOURS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    SceneChecker,
+    SceneObject,
+    ScenesDataset,
+    layout_from_scenes,
+    render_layout,
+)
 
 
 def mean(values) -> float:
@@ -172,6 +190,42 @@ def ablation(diffusion: Diffusion, images, captions, ids, seed: int, methods: di
 
 
 # ------------------------------------------------------------------------------------------------
+# (iv) editability: attention localisation
+# ------------------------------------------------------------------------------------------------
+
+
+def single_object_scenes(n: int) -> list[Scene]:
+    """n one-object scenes on plain backgrounds: colours in turn, shapes, positions and backgrounds cycling."""
+    return [
+        Scene((SceneObject(SHAPES[i % len(SHAPES)], COLOURS[i % len(COLOURS)], "large", POSITIONS[i % len(POSITIONS)]),),
+              "plain", BACKGROUND_COLOURS[i % len(BACKGROUND_COLOURS)])
+        for i in range(n)
+    ]
+
+
+def attention_localisation(diffusion: Diffusion, resolution: int, n: int, seed: int) -> dict:
+    scenes = single_object_scenes(n)
+    images = render_layout(layout_from_scenes(scenes, seed=seed, jitter=False), resolution)
+    empty = render_layout(layout_from_scenes([Scene((), s.background, s.background_colour) for s in scenes], seed=seed, jitter=False), resolution)
+    objects = (images.int() - empty.int()).abs().amax(1) > 0  # [n, R, R]
+    captions = [s.caption for s in scenes]
+    inversion = NullTextInversion(num_inner_steps=10).invert(
+        diffusion, diffusion.encode_images(images), captions, [image_seed(seed, f"attention-{i}") for i in range(n)]
+    )
+    inside, area = [], []
+    for b, scene in enumerate(scenes):
+        store = AttentionStore()
+        edit(diffusion, inversion.select(b), [], store)
+        maps = store.aggregate(max(store.resolutions()))[0]  # [h, w, keys], the source row
+        word = maps[..., word_positions(diffusion.tokenizer, captions[b], scene.objects[0].colour)].sum(-1)
+        word = F.interpolate(word[None, None], size=(resolution, resolution), mode="nearest")[0, 0]
+        inside.append(float(word[objects[b]].sum() / word.sum()))
+        area.append(float(objects[b].float().mean()))
+    ratios = [i / a for i, a in zip(inside, area)]
+    return {"images": n, "map_side": int(maps.shape[0]), "inside": mean(inside), "area": mean(area), "ratio": mean(ratios), "per_image_ratio": ratios}
+
+
+# ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
 
@@ -229,6 +283,11 @@ def markdown(report: dict) -> str:
             if "psnr_at_1" in r:
                 lines.append(f"| {name} sampled at guidance 1 | {f(r['psnr_at_1'])} | 0 | |")
         lines.append("")
+    loc = report.get("attention_localisation")
+    if loc:
+        lines += [f"## (iv) Editability: the colour word's cross-attention on its object ({loc['images']} one-object scenes, {loc['map_side']}x{loc['map_side']} maps)", "",
+                  "| share of the map on the object | object's share of the image | ratio (1 = not localised) |", "|---|---|---|",
+                  f"| {pct(loc['inside'])} | {pct(loc['area'])} | {f(loc['ratio'])} |", ""]
     lines += ["## Targets", "", "| check | holds |", "|---|---|"] + [f"| {k} | {'yes' if v else 'NO'} |" for k, v in report["checks"].items()]
     return "\n".join(lines) + "\n"
 
@@ -247,6 +306,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-photo-n20", action="store_true", help="skip null-text N=20 on photos")
     p.add_argument("--no-global", action="store_true", help="skip global null-text")
     p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--attention-images", type=int, default=8, help="one-object scenes for the editability check (0: skip)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -297,6 +357,9 @@ def main(argv=None) -> dict:
         if not args.no_photo_n20:
             methods["null_text_N20"] = NullTextInversion(num_inner_steps=20)
         report["inversion_photos"] = ablation(diffusion, images, captions, ids, args.seed, methods)
+    if args.attention_images:
+        print("(iv) attention localisation", flush=True)
+        report["attention_localisation"] = attention_localisation(diffusion, res, args.attention_images, args.seed)
     report["checks"] = checks(report)
     report["minutes"] = (time.perf_counter() - t_start) / 60
     out = Path(args.out) if args.out else Path(args.model) / "eval"
