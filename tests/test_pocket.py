@@ -106,6 +106,28 @@ def test_saved_folder_loads_with_load_pipeline(trained):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 16
 
 
+def test_evaluation_script_reports_every_part(trained, tmp_path):
+    """scripts/evaluate_pocket_model.py on the tiny trained folder: each part present and consistent."""
+    import json
+    import math
+
+    spec = importlib.util.spec_from_file_location("evaluate_pocket_model", ROOT / "scripts" / "evaluate_pocket_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    whole, _, _ = trained
+    args = ["--model", str(whole), "--out", str(tmp_path), "--steps", "2", "--text-images", "2", "--vae-images", "2",
+            "--inv-images", "1", "--photos", "astronaut", "--no-photo-n20", "--no-global", "--attention-images", "2"]
+    module.main(args)
+    report = json.loads((tmp_path / "pocket_eval.json").read_text())
+    assert {"text_control", "autoencoder_scenes", "inversion_scenes", "inversion_photos", "attention_localisation"} <= report.keys()
+    assert 0 <= report["text_control"]["guidance_7.5"]["object_colour"] <= 1
+    loc = report["attention_localisation"]
+    assert loc["map_side"] == 8 and len(loc["per_image_ratio"]) == 2  # 16 px, VAE factor 2: the 8x8 maps, the finest
+    assert 0 < loc["area"] < 1 and 0 <= loc["inside"] <= 1 and math.isfinite(loc["ratio"])
+    assert "scenes: ddim@7.5 < null-text N=10" in report["checks"]
+    assert "## (iv) Editability" in (tmp_path / "pocket_eval.md").read_text()
+
+
 needs_pocket = pytest.mark.skipif(not (POCKET / "model_index.json").exists(), reason="models/pocket is not trained here")
 
 
