@@ -426,9 +426,9 @@ def run_bench(args) -> str:
         NullTextInversion,
         OfficialNullTextInversion,
     )
+    from nulltext.models import resolve_device
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     set_threads(args, device)
     steps = args.steps or 50
     t_start = time.perf_counter()
@@ -529,10 +529,10 @@ def run_bench(args) -> str:
         kwargs = dict(args.variants).get(args.profile_variant, {})
         method = NullTextInversion(num_inner_steps=args.inner_steps, early_stop_epsilon=-1.0, **kwargs)
         short = Diffusion(pipe, num_inference_steps=args.profile_steps, guidance_scale=args.guidance_scale)
-        batch = args.profile
-        z_profile = z0[torch.arange(batch) % n_images]
-        timed_invert(method, short, z_profile, [captions[i % n_images] for i in range(batch)], device)  # warm
-        report.profile = profile_run(method, short, z_profile, [captions[i % n_images] for i in range(batch)], device, args)
+        picks = [i % n_images for i in range(args.profile)]
+        z_profile, captions_profile = z0[picks], [captions[i] for i in picks]
+        timed_invert(method, short, z_profile, captions_profile, device)  # warm
+        report.profile = profile_run(method, short, z_profile, captions_profile, device, args)
         report.write()
     log.info("benchmark done in %.1f s", time.perf_counter() - t_start)
     return report.markdown()

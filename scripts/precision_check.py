@@ -35,7 +35,7 @@ from nulltext.diffusion import Diffusion
 from nulltext.methods import NullTextInversion, image_seed
 from nulltext.methods.null_text import PRECISIONS
 from nulltext.metrics import psnr_per_image
-from nulltext.models import pipeline_resolution
+from nulltext.models import pipeline_resolution, resolve_device
 from nulltext.provenance import provenance
 from nulltext.reconstruction import reconstruct
 from nulltext.scenes import ScenesDataset
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     pipe = load_pipeline(args.model).to(device)
     diffusion = Diffusion(pipe, num_inference_steps=args.steps)

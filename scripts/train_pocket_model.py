@@ -48,7 +48,7 @@ if str(ROOT / "src") not in sys.path:
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer  # noqa: E402
+from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer, resolve_device  # noqa: E402
 from nulltext.scenes import render_scenes  # noqa: E402
 
 PHASES = ("vae", "decoder", "unet")
@@ -63,12 +63,6 @@ def resolve_path(path: str) -> Path:
     """Relative paths are relative to the directory the command was started from."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(os.getcwd()) / p
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def step_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -271,7 +265,7 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.autocast = bool(cfg.bf16) and self.device.type == "cuda"
         self.run_dir = resolve_path(cfg.run_dir)
         self.ckpt_path = self.run_dir / "checkpoint.pt"

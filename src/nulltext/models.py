@@ -143,6 +143,13 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
     return freeze(pipe)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """A device name as configs and command lines give it: ``auto`` (or None) is CUDA when present, else the CPU."""
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def pipeline_resolution(pipe: StableDiffusionPipeline) -> int:
     """Pixel resolution the pipeline was trained at: latent size times the VAE's downsampling."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor

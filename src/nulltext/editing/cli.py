@@ -39,10 +39,9 @@ def _plain(value):
 
 
 def _device(cfg: DictConfig):
-    import torch
+    from nulltext.models import resolve_device
 
-    name = cfg.get("device", "auto") or "auto"
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    return resolve_device(cfg.get("device"))
 
 
 def _diffusion_from_record(record: dict, device):
