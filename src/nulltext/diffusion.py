@@ -96,7 +96,7 @@ class Diffusion:
         if guidance_scale == 1.0:
             return self.model_output(z, t, cond)
         out_u, out_c = self.model_output(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
-        return out_u + guidance_scale * (out_c - out_u)
+        return guide(out_u, out_c, guidance_scale)
 
     # -- trajectories -----------------------------------------------------------------------
     @torch.no_grad()
@@ -130,6 +130,11 @@ class Diffusion:
             z = self.schedule.denoise_step(out, t, z)
             latents.append(z)
         return torch.stack(latents, dim=1)
+
+
+def guide(out_uncond: Tensor, out_cond: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance of two UNet outputs: out_u + w (out_c - out_u)."""
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
 def step_embedding(embeddings: Tensor, i: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion, step_embedding
+from nulltext.diffusion import Diffusion, guide, step_embedding
 from nulltext.editing.attention import (
     AttentionController,
     AttentionRefine,
@@ -182,7 +182,7 @@ def sample_prompts(
         if controller is not None:
             controller.begin_step(i)
         out_u, out_c = diffusion.model_output(torch.cat([z, z]), t, torch.cat([u, c])).chunk(2)
-        z = diffusion.schedule.denoise_step(out_u + guidance_scale * (out_c - out_u), t, z)
+        z = diffusion.schedule.denoise_step(guide(out_u, out_c, guidance_scale), t, z)
         if controller is not None:
             z = controller.step_callback(z)
             controller.end_step()

@@ -7,7 +7,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion
+from nulltext.diffusion import Diffusion, guide
 from nulltext.methods.base import Inversion, InversionMethod, Monitor
 
 
@@ -70,7 +70,7 @@ class TextualInversion(InversionMethod):
                     with torch.no_grad():
                         out_c = diffusion.unet(z_t, t_unet, encoder_hidden_states=cond).sample
                     out_u = diffusion.unet(z_t, t_unet, encoder_hidden_states=variable).sample
-                    prediction = out_u + w * (out_c - out_u)
+                    prediction = guide(out_u, out_c, w)
                 else:
                     prediction = diffusion.unet(z_t, t_unet, encoder_hidden_states=variable).sample
                 losses = (prediction - target).pow(2).flatten(1).mean(1)

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion
+from nulltext.diffusion import Diffusion, guide
 from nulltext.methods.base import Inversion, InversionMethod, Monitor
 
 
@@ -58,7 +58,7 @@ class GlobalNullTextInversion(InversionMethod):
                     out_c = diffusion.model_output(z_bar, t, cond)
                 with torch.enable_grad():
                     out_u = diffusion.model_output(z_bar, t, null)
-                    z_prev = schedule.denoise_step(out_u + w * (out_c - out_u), t, z_bar)
+                    z_prev = schedule.denoise_step(guide(out_u, out_c, w), t, z_bar)
                     losses = (z_prev - pivot[:, num_steps - 1 - i]).pow(2).flatten(1).mean(1)
                     optimizer.zero_grad(set_to_none=True)
                     losses.sum().backward()

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion
+from nulltext.diffusion import Diffusion, guide
 from nulltext.errors import CaptionError
 from nulltext.methods.base import Inversion, InversionMethod, Monitor, gaussian_like
 
@@ -124,7 +124,7 @@ class NullTextInversion(InversionMethod):
     def optimise(self, diffusion: Diffusion, pivot: Tensor, null: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         """Run the per-step loop; returns (uncond, cond) as [B,S,L,D] or [B,1,L,D] and iterations per image."""
         schedule, w = diffusion.schedule, diffusion.guidance_scale
-        num_steps = pivot.shape[1] - 1
+        num_steps = schedule.num_steps
         optimise_uncond = self.variable == "uncond"
         current, fixed = (null, cond) if optimise_uncond else (cond, null)
         current = current.detach().clone()
@@ -142,9 +142,7 @@ class NullTextInversion(InversionMethod):
             current = self._inner_loop(unet, schedule, w, t, t_unet, z_bar, out_fixed, current, target, lr, threshold, iterations)
             stored.append(current)
             with torch.no_grad():  # the advance: guided step with the stored embedding
-                out_var = unet(z_bar, t_unet, current)
-                out_u, out_c = (out_var, out_fixed) if optimise_uncond else (out_fixed, out_var)
-                z_bar = schedule.denoise_step(out_u + w * (out_c - out_u), t, z_bar)
+                z_bar = schedule.denoise_step(self._guided(unet(z_bar, t_unet, current), out_fixed, w), t, z_bar)
         per_step = torch.stack(stored, dim=1)
         shared = fixed.unsqueeze(1)
         counts = iterations.tolist()
@@ -164,11 +162,10 @@ class NullTextInversion(InversionMethod):
             if not self.static_batch:
                 rows = active.nonzero().squeeze(1)
             z_in = z_bar[rows]
-            with torch.enable_grad(), self._precision(z_bar.device):
-                out_var = unet(z_in, t_unet, emb[rows]).float()
             with torch.enable_grad():
-                out_u, out_c = (out_var, out_fixed[rows]) if self.variable == "uncond" else (out_fixed[rows], out_var)
-                z_prev = schedule.denoise_step(out_u + w * (out_c - out_u), t, z_in)
+                with self._precision(z_bar.device):
+                    out_var = unet(z_in, t_unet, emb[rows]).float()
+                z_prev = schedule.denoise_step(self._guided(out_var, out_fixed[rows], w), t, z_in)
                 losses = (z_prev - target[rows]).pow(2).flatten(1).mean(1)  # F.mse_loss per image
                 (emb.grad,) = torch.autograd.grad(losses.sum(), emb)
             before = emb.detach().clone()
@@ -181,6 +178,11 @@ class NullTextInversion(InversionMethod):
             if threshold > 0 and not active.any():
                 break
         return emb.detach()
+
+    def _guided(self, out_var: Tensor, out_fixed: Tensor, w: float) -> Tensor:
+        """Guidance with the optimised embedding's output on its side (uncond for null-text)."""
+        out_u, out_c = (out_var, out_fixed) if self.variable == "uncond" else (out_fixed, out_var)
+        return guide(out_u, out_c, w)
 
     def _precision(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
