@@ -124,7 +124,12 @@ def test_evaluation_script_reports_every_part(trained, tmp_path):
     loc = report["attention_localisation"]
     assert loc["map_side"] == 8 and len(loc["per_image_ratio"]) == 2  # 16 px, VAE factor 2: the 8x8 maps, the finest
     assert 0 < loc["area"] < 1 and 0 <= loc["inside"] <= 1 and math.isfinite(loc["ratio"])
-    assert "scenes: ddim@7.5 < null-text N=10" in report["checks"]
+    assert loc["ratio"] == pytest.approx(sum(loc["per_image_ratio"]) / 2)
+    # the targets are read from the measured numbers
+    scenes = report["inversion_scenes"]
+    assert report["checks"]["scenes: ddim@7.5 < null-text N=10"] == (scenes["ddim"]["psnr"] < scenes["null_text_N10"]["psnr"])
+    ae = report["autoencoder_scenes"]
+    assert ae["margin_db"] == pytest.approx(ae["vae_psnr"] - ae["down_up_psnr"])
     assert "## (iv) Editability" in (tmp_path / "pocket_eval.md").read_text()
 
 
