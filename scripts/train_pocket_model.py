@@ -3,6 +3,8 @@
     python scripts/train_pocket_model.py                              # the GPU recipe (conf/train_pocket.yaml)
     python scripts/train_pocket_model.py --config-name train_pocket_cpu   # the CPU stand-in
     python scripts/train_pocket_model.py resume=true max_minutes=9    # continue from the last checkpoint
+    python scripts/train_pocket_model.py --config-name train_pocket_cpu_continue init_from=models/pocket
+                                                                      # train a saved model's UNet further
 
 Two phases, one checkpoint format:
 
@@ -21,6 +23,9 @@ is written every ``checkpoint_every`` steps, on SIGTERM/SIGINT and when ``max_mi
 ``resume=true`` continues from it. At the end the EMA weights are written with
 ``StableDiffusionPipeline.save_pretrained`` into ``output_dir`` (loadable with
 ``nulltext.models.load_pipeline``).
+
+``init_from=<folder>`` starts phase (b) from a model this script saved (its VAE and scaling factor
+are kept): a second training stage, recorded in ``training.json`` with the first stage's totals.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ if str(ROOT / "src") not in sys.path:
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer, resolve_device  # noqa: E402
+from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, resolve_device  # noqa: E402
 from nulltext.scenes import render_scenes  # noqa: E402
 
 PHASES = ("vae", "decoder", "unet")
@@ -274,6 +279,9 @@ class Trainer:
             m.to(self.device)
         self.phase, self.step = "vae", 0
         self.scaling_factor: float | None = None
+        self.init_info: dict | None = None
+        if cfg.get("init_from"):
+            self.load_pretrained(resolve_path(cfg.init_from))
         self.opt: torch.optim.Optimizer | None = None
         self.ema: EMA | None = None
         self.elapsed_before = 0.0  # minutes spent in earlier (resumed) calls
@@ -331,6 +339,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "elapsed_min": self.elapsed_min(),
             "samples_seen": self.samples_seen,
+            "init_from": self.init_info,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -348,6 +357,7 @@ class Trainer:
         self.scaling_factor = state["scaling_factor"]
         self.elapsed_before = state["elapsed_min"]
         self.samples_seen = state.get("samples_seen", 0)
+        self.init_info = state.get("init_from")
         self._new_phase_state()
         if state["optimizer"] is not None and self.phase != "done":
             self.opt.load_state_dict(state["optimizer"])
@@ -357,6 +367,26 @@ class Trainer:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         print(f"resumed: phase={self.phase} step={self.step} ({self.elapsed_before:.1f} min so far)", flush=True)
+
+    def load_pretrained(self, folder: Path) -> None:
+        """Start the UNet phase from a saved pipeline folder (continued training): its VAE, scaling
+        factor, UNet and text encoder are loaded into models of this config's architecture."""
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(f"init_from={folder}: no saved pipeline there (expected model_index.json); give a folder written by this script")
+        pipe = load_pipeline(str(folder))
+        for k, m in self.models.items():
+            m.load_state_dict(getattr(pipe, k).state_dict())
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        earlier = folder / "training.json"
+        self.init_info = {"folder": str(self.cfg.init_from)}
+        if earlier.exists():
+            e = json.loads(earlier.read_text())
+            self.init_info.update(
+                training_minutes=e.get("total_training_minutes", e["training_minutes"]),
+                samples_seen=e.get("total_samples_seen", e["samples_seen"]),
+            )
+        self.phase = "unet"
+        print(f"initialised from {folder}: training its UNet and text encoder further", flush=True)
 
     def elapsed_min(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.t0) / 60
@@ -538,6 +568,9 @@ class Trainer:
             "training_minutes": round(self.elapsed_min(), 2),
             "samples_seen": self.samples_seen,
             "unet_steps_done": self.step if self.phase == "unet" else int(cfg.unet_train.steps),
+            "init_from": self.init_info,
+            "total_training_minutes": round(self.elapsed_min() + (self.init_info or {}).get("training_minutes", 0.0), 2),
+            "total_samples_seen": self.samples_seen + (self.init_info or {}).get("samples_seen", 0),
             "device": str(self.device),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in self.models.items()},

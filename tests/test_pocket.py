@@ -106,6 +106,37 @@ def test_saved_folder_loads_with_load_pipeline(trained):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 16
 
 
+def test_continued_training_starts_from_the_saved_model(trained, tmp_path):
+    """init_from: the UNet phase starts from a saved folder's weights (exactly: at lr 0 nothing moves),
+    keeps its VAE and scaling factor, and training.json adds up both stages."""
+    import json
+
+    module = _train_module()
+    whole, _, _ = trained
+    first = json.loads((whole / "training.json").read_text())
+    frozen = module.train(_tiny_config(tmp_path, "lr0", init_from=str(whole), seed=1, unet_train={"lr": 0.0, "steps": 2}))
+    a, b = _weights(whole), _weights(frozen)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+    moved = module.train(_tiny_config(tmp_path, "more", init_from=str(whole), seed=1, unet_train={"steps": 3}))
+    c = _weights(moved)
+    assert all(torch.equal(c[k], a[k]) for k in a if k.startswith("vae/"))
+    assert any(not torch.equal(c[k], a[k]) for k in a if k.startswith("unet/"))
+    info = json.loads((moved / "training.json").read_text())
+    assert info["scaling_factor"] == first["scaling_factor"]
+    assert info["samples_seen"] == 3 * 4  # the UNet phase only: no VAE steps in the second stage
+    assert info["init_from"]["samples_seen"] == first["samples_seen"]
+    assert info["total_samples_seen"] == first["samples_seen"] + 12
+    assert info["total_training_minutes"] == pytest.approx(first["training_minutes"] + info["training_minutes"], abs=0.02)
+    curves = (tmp_path / "more" / "run" / "curves.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in curves] == [["unet", "1"], ["unet", "2"], ["unet", "3"]]
+
+    with pytest.raises(FileNotFoundError, match="no saved pipeline there"):
+        module.train(_tiny_config(tmp_path, "bad", init_from=str(tmp_path / "nowhere")))
+
+
 def test_evaluation_script_reports_every_part(trained, tmp_path):
     """scripts/evaluate_pocket_model.py on the tiny trained folder: each part present and consistent."""
     import json
