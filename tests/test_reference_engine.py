@@ -100,6 +100,31 @@ def test_fast_engine_equals_reference(latents, epsilon, engine):
     assert (ref.uncond[:, -1] - null).abs().max() > 1e-2
 
 
+def test_fast_engine_equals_reference_on_the_offline_model():
+    """The same equality on the shipped offline model (trained weights, not random ones), on two
+    held-out scenes with their captions, every iteration done by both engines."""
+    from nulltext.models import pipeline_resolution
+    from nulltext.pocket import load_pocket
+    from nulltext.scenes import ScenesDataset
+
+    pipe = load_pocket()
+    diffusion = Diffusion(pipe, num_inference_steps=STEPS, guidance_scale=7.5)
+    data = ScenesDataset(pipeline_resolution(pipe), num_images=2, seed=3, split="heldout")
+    captions = [data[i]["caption"] for i in range(2)]
+    z0 = diffusion.encode_images(torch.stack([data[i]["image"] for i in range(2)]))
+    settings = {"num_inner_steps": INNER, "early_stop_epsilon": -1.0}
+    fast = NullTextInversion(**settings).invert(diffusion, z0, captions, [0, 1])
+    ref = OfficialNullTextInversion(**settings).invert(diffusion, z0, captions, [0, 1])
+    assert fast.iterations == ref.iterations == [STEPS * INNER] * 2
+    assert_float32_noise(ref.pivot, fast.pivot, rel=1e-4)
+    fast_latents, ref_latents = reconstruct(diffusion, fast).latents, reconstruct(diffusion, ref).latents
+    for b in range(2):
+        assert_float32_noise(fast.uncond[b], ref.uncond[b])
+        assert_float32_noise(fast_latents[b], ref_latents[b])
+    null = diffusion.encode_text([""])[0]
+    assert (ref.uncond[:, -1] - null).abs().max() > 1e-2
+
+
 def test_reference_runs_unfrozen_with_explicit_attention_and_restores_the_pipeline(latents):
     diffusion, z0 = latents
     unet = diffusion.unet
