@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from nulltext.editing.cli import attention_app, edit_app
+from nulltext.editing.cli import attention_app, edit_app, edit_bench_app
 from nulltext.errors import NulltextError
 
 log = logging.getLogger("nulltext")
@@ -160,7 +160,7 @@ def reconstruct_app(cfg: DictConfig) -> None:
     _report_errors(run_reconstruction)(cfg)
 
 
-SUBCOMMANDS = {"reconstruct": reconstruct_app, "edit": edit_app, "attention": attention_app}
+SUBCOMMANDS = {"reconstruct": reconstruct_app, "edit": edit_app, "attention": attention_app, "edit_bench": edit_bench_app}
 
 
 def main() -> None:

@@ -258,3 +258,10 @@ def edit_app(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
 def attention_app(cfg: DictConfig) -> None:
     _report(run_attention)(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="edit_bench")
+def edit_bench_app(cfg: DictConfig) -> None:
+    from nulltext.editing.benchmark import run_edit_bench
+
+    _report(run_edit_bench)(cfg)
