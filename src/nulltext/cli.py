@@ -1,5 +1,6 @@
 """Command line: ``nulltext [overrides]`` (invert a dataset), ``nulltext reconstruct artifact=...``,
-``nulltext report <sweep dir>``.
+``nulltext report <sweep dir>``, and the editing apps ``nulltext edit``, ``nulltext attention`` and
+``nulltext edit_bench`` (:mod:`nulltext.editing.cli`).
 
 Both are Hydra apps over the configs in ``conf/``. The task functions (:func:`run_inversion`,
 :func:`run_reconstruction`) take a composed config and are what tests call.
