@@ -90,8 +90,14 @@ def test_cli_edit_bench_writes_a_consistent_report(tmp_path):
 def test_cli_edit_bench_rejects_bad_settings(tmp_path):
     from nulltext.editing.benchmark import run_edit_bench
     from nulltext.editing.errors import EditError
+    from nulltext.errors import UnknownNameError
 
     with composed("edit_bench", ["methods=[]"], tmp_path) as cfg, pytest.raises(EditError, match="at least one"):
         run_edit_bench(cfg)
     with composed("edit_bench", ["mode=sdedit", "local_blend=true"], tmp_path) as cfg, pytest.raises(EditError, match="local_blend"):
         run_edit_bench(cfg)
+    with composed("edit_bench", ["methods=[null_text,vae]"], tmp_path) as cfg, pytest.raises(EditError, match="vae: a VAE reconstruction"):
+        run_edit_bench(cfg)
+    with composed("edit_bench", ["methods=[null_text,bogus]"], tmp_path) as cfg, pytest.raises(UnknownNameError, match="bogus"):
+        run_edit_bench(cfg)
+    assert not (tmp_path / "edit_bench.json").exists()

@@ -175,7 +175,7 @@ def run_edit_bench(cfg: DictConfig) -> dict:
     from nulltext.editing.errors import EditError
     from nulltext.editing.visual import enlarge, grid, to_pil
     from nulltext.io import atomic_write_json, atomic_write_text
-    from nulltext.methods import image_seed, make_method
+    from nulltext.methods import VAEReconstruction, image_seed, make_method
     from nulltext.models import pipeline_resolution
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
@@ -188,7 +188,11 @@ def run_edit_bench(cfg: DictConfig) -> dict:
     settings = {k: _plain(cfg[k]) for k in SETTING_KEYS if k in cfg}
     if settings.get("mode") == "sdedit" and cfg.local_blend:
         raise EditError("local_blend works with Prompt-to-Prompt modes, not sdedit")
-    EditSettings.from_dict(settings)  # one clear error before any inversion runs
+    EditSettings.from_dict(settings)  # clear errors before any model is loaded or inversion runs
+    built = {name: make_method(name, **(options.get(name) or {})) for name in methods}
+    unusable = [name for name, m in built.items() if isinstance(m, VAEReconstruction)]
+    if unusable:
+        raise EditError(f"{', '.join(unusable)}: a VAE reconstruction has no embeddings to edit with; drop it from methods")
 
     torch.manual_seed(cfg.seed)
     pipe = instantiate(cfg.model).to(_device(cfg))
@@ -202,8 +206,7 @@ def run_edit_bench(cfg: DictConfig) -> dict:
     per_case = {"ideal": scorer.score(cases.ideal, cases.images)}
     seconds = {"ideal": {"seconds_inversion": 0.0, "seconds_edit": 0.0}}
     edited = {}
-    for name in methods:
-        method = make_method(name, **(options.get(name) or {}))
+    for name, method in built.items():
         start = time.perf_counter()
         inversion = method.invert(diffusion, z0, cases.captions, seeds)
         t_inv = (time.perf_counter() - start) / len(cases.ids)
