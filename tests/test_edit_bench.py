@@ -55,7 +55,7 @@ def test_scorer_reads_the_known_answers(cases):
         assert row["background_psnr"] == pytest.approx(-10 * math.log10(err.pow(2).mean().item()), abs=1e-3)
 
 
-def test_cli_edit_bench_writes_a_consistent_report(tmp_path):
+def test_cli_edit_bench_writes_a_consistent_report(tmp_path, tiny_pipe):
     from nulltext.editing.benchmark import run_edit_bench
 
     torch.set_num_threads(1)
@@ -73,17 +73,27 @@ def test_cli_edit_bench_writes_a_consistent_report(tmp_path):
     with composed("edit_bench", overrides, tmp_path) as cfg:
         summary = run_edit_bench(cfg)
     report = json.loads((tmp_path / "edit_bench.json").read_text())
-    assert list(report["summary"]) == ["ideal", "ddim", "null_text"] and report["summary"] == summary
+    assert list(report["summary"]) == ["ideal", "ideal_vae", "ddim", "null_text"] and report["summary"] == summary
     for name, rows in report["per_case"].items():
         assert len(rows) == 2
         for key in ("recon_psnr", "success", "background_psnr", "footprint"):
             values = [float(r[key]) for r in rows]
             assert float(summary[name][key]) == pytest.approx(sum(values) / 2)
     assert summary["ideal"]["success"] == 1.0 and summary["ideal"]["background_psnr"] == "inf"
+    # ideal_vae: the autoencoder's round trip of the renders, compared with an independent computation
+    from nulltext.diffusion import Diffusion
+    from nulltext.metrics import psnr_per_image
+    from nulltext.reconstruction import to_uint8
+
+    diffusion = Diffusion(tiny_pipe, num_inference_steps=3)
+    cases = colour_swap_cases(2, resolution=64, seed=0, dilate=1)
+    round_trip = to_uint8(diffusion.decode(diffusion.encode_images(cases.images)))
+    expected = psnr_per_image(round_trip.float() / 255, cases.images.float() / 255)
+    assert [r["recon_psnr"] for r in report["per_case"]["ideal_vae"]] == pytest.approx(expected.tolist(), abs=1e-4)
     assert report["local_blend"] and report["edit_settings"]["mode"] == "replace"
     assert {"git", "versions"} <= report.keys()
     table = (tmp_path / "edit_bench.md").read_text()
-    assert table.count("\n| ") == 4 and format_table(summary) in table  # header + 3 method rows
+    assert table.count("\n| ") == 5 and format_table(summary) in table  # header + 4 rows
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
