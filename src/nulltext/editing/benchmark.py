@@ -121,24 +121,24 @@ class EditScorer:
 
     @torch.no_grad()
     def score(self, edits: torch.Tensor, reconstructions: torch.Tensor) -> list[dict]:
-        from nulltext.editing.metrics import edit_footprint, finite_or_text, masked_lpips, masked_psnr, masked_ssim
+        from nulltext.editing.metrics import background_comparison, edit_footprint, finite_or_text
         from nulltext.metrics import psnr_per_image
 
         c = self.cases
         unit = lambda x: x.float() / 255  # noqa: E731
         x, e, r, ideal = unit(c.images), unit(edits), unit(reconstructions), unit(c.ideal)
-        background = 1 - c.region
         columns = {
             "recon_psnr": psnr_per_image(r, x),
             "recon_ok": self.readable(reconstructions, c.scenes).float(),
             "success": self.readable(edits, c.target_scenes).float(),
-            "background_psnr": masked_psnr(e, x, background),
-            "background_ssim": masked_ssim(e, x, background),
-            "background_lpips": masked_lpips(self.lpips, e, x, background),
             "ideal_psnr": psnr_per_image(e, ideal),
             "footprint": edit_footprint(e, r, self.footprint_threshold),
         }
-        return [{k: finite_or_text(float(v[i])) for k, v in columns.items()} for i in range(len(c.ids))]
+        background = background_comparison(e, x, 1 - c.region, self.lpips)  # the same measures as `nulltext edit`
+        return [
+            {**{k: finite_or_text(float(v[i])) for k, v in columns.items()}, **{f"background_{k}": v for k, v in background[i].items()}}
+            for i in range(len(c.ids))
+        ]
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -107,7 +107,8 @@ def finite_or_text(value: float) -> float | str:
     return value if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
 
 
-def _comparison(edits: Tensor, reference: Tensor, background: Tensor, lpips_model) -> list[dict]:
+def background_comparison(edits: Tensor, reference: Tensor, background: Tensor, lpips_model) -> list[dict]:
+    """Per edit: PSNR, SSIM and LPIPS against ``reference`` over the ``background`` pixels (images in [0, 1])."""
     psnr = masked_psnr(edits, reference, background)
     ssim = masked_ssim(edits, reference, background)
     lp = masked_lpips(lpips_model, edits, reference, background)
@@ -154,11 +155,11 @@ def edit_metrics(
     if input_image is not None:
         target = as_float(input_image.reshape(1, *input_image.shape[-3:]))
         full = torch.ones(1, 1, *images.shape[-2:])
-        result["reconstruction_vs_input"] = _comparison(recon, target, full, lpips_model)[0]
+        result["reconstruction_vs_input"] = background_comparison(recon, target, full, lpips_model)[0]
     if num_edits == 0:
         return result
-    vs_recon = _comparison(edits, recon.expand_as(edits), background, lpips_model)
-    vs_input = _comparison(edits, as_float(input_image.reshape(1, *input_image.shape[-3:])).expand_as(edits), background, lpips_model) if input_image is not None else None
+    vs_recon = background_comparison(edits, recon.expand_as(edits), background, lpips_model)
+    vs_input = background_comparison(edits, as_float(input_image.reshape(1, *input_image.shape[-3:])).expand_as(edits), background, lpips_model) if input_image is not None else None
     footprint = edit_footprint(edits, recon.expand_as(edits), footprint_threshold)
     scores, reason = clip_scores(images[1:], prompts[1:], clip_model)
     fractions = background.expand(num_edits, 1, *images.shape[-2:]).mean(dim=(1, 2, 3))
