@@ -26,6 +26,10 @@ is written every ``checkpoint_every`` steps, on SIGTERM/SIGINT and when ``max_mi
 
 ``init_from=<folder>`` starts phase (b) from a model this script saved (its VAE and scaling factor
 are kept): a second training stage, recorded in ``training.json`` with the first stage's totals.
+
+``vae_from=<folder>`` trains a FRESH UNet + text encoder on a saved autoencoder (an ``AutoencoderKL``
+folder, or a pipeline folder with ``vae/``): the VAE phases are skipped, and the export copies the
+autoencoder's files unchanged, so its weights and ``scaling_factor`` stay bit for bit what they were.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+import hashlib
 
 import hydra
 import torch
@@ -280,8 +286,13 @@ class Trainer:
         self.phase, self.step = "vae", 0
         self.scaling_factor: float | None = None
         self.init_info: dict | None = None
+        self.vae_source: Path | None = None
+        if cfg.get("init_from") and cfg.get("vae_from"):
+            raise ValueError("give init_from or vae_from, not both: init_from already carries its autoencoder")
         if cfg.get("init_from"):
             self.load_pretrained(resolve_path(cfg.init_from))
+        elif cfg.get("vae_from"):
+            self.load_autoencoder(resolve_path(cfg.vae_from))
         self.opt: torch.optim.Optimizer | None = None
         self.ema: EMA | None = None
         self.elapsed_before = 0.0  # minutes spent in earlier (resumed) calls
@@ -387,6 +398,23 @@ class Trainer:
             )
         self.phase = "unet"
         print(f"initialised from {folder}: training its UNet and text encoder further", flush=True)
+
+    def load_autoencoder(self, folder: Path) -> None:
+        """Use a saved autoencoder as it is and start at the UNet phase with fresh UNet and text encoder."""
+        source = folder / "vae" if (folder / "vae" / "config.json").exists() else folder
+        if not (source / "config.json").exists():
+            raise FileNotFoundError(f"vae_from={folder}: no autoencoder there (expected config.json or vae/config.json)")
+        vae = AutoencoderKL.from_pretrained(source, torch_dtype=torch.float32)
+        wanted = OmegaConf.to_container(self.cfg.model.vae, resolve=True)
+        plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        differ = {k: (plain(v), plain(vae.config[k])) for k, v in wanted.items() if plain(v) != plain(vae.config[k])}
+        if differ:
+            raise ValueError(f"vae_from={folder}: its architecture differs from model.vae ({differ}); use the config it was trained with")
+        self.models["vae"].load_state_dict(vae.state_dict())
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.vae_source = source
+        self.phase = "unet"
+        print(f"autoencoder from {source} (scaling_factor {self.scaling_factor:.5f}): training a fresh UNet and text encoder", flush=True)
 
     def elapsed_min(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.t0) / 60
@@ -561,6 +589,9 @@ class Trainer:
             shutil.rmtree(staging)
         pipe.save_pretrained(staging, safe_serialization=True)
         compact_tokenizer(staging / "tokenizer")
+        if self.vae_source is not None:  # untouched by training: ship its own files, bit for bit
+            shutil.rmtree(staging / "vae")
+            shutil.copytree(self.vae_source, staging / "vae")
         info = {
             "scaling_factor": self.scaling_factor,
             "resolution": cfg.resolution,
@@ -569,6 +600,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "unet_steps_done": self.step if self.phase == "unet" else int(cfg.unet_train.steps),
             "init_from": self.init_info,
+            "vae_from": None if self.vae_source is None else {"folder": str(self.cfg.vae_from), "sha256": weights_sha256(self.vae_source)},
             "total_training_minutes": round(self.elapsed_min() + (self.init_info or {}).get("training_minutes", 0.0), 2),
             "total_samples_seen": self.samples_seen + (self.init_info or {}).get("samples_seen", 0),
             "device": str(self.device),
@@ -582,6 +614,14 @@ class Trainer:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"saved {out} ({size / 1e6:.1f} MB, scaling_factor {self.scaling_factor:.4f})", flush=True)
         return out
+
+
+def weights_sha256(folder: Path) -> str:
+    """sha256 of a model folder's safetensors file(s), in name order."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 def compact_tokenizer(folder: Path) -> None:

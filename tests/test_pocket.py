@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 POCKET = ROOT / "models" / "pocket"
+needs_pocket = pytest.mark.skipif(not (POCKET / "model_index.json").exists(), reason="models/pocket is not trained here")
 
 
 def _train_module():
@@ -29,6 +30,7 @@ def _tiny_config(tmp_path: Path, name: str, **overrides):
         "threads": 1,
         "bf16": False,
         "resolution": 16,
+        "vae_from": None,
         "output_dir": str(tmp_path / name / "out"),
         "run_dir": str(tmp_path / name / "run"),
         "checkpoint_every": 2,
@@ -137,6 +139,82 @@ def test_continued_training_starts_from_the_saved_model(trained, tmp_path):
         module.train(_tiny_config(tmp_path, "bad", init_from=str(tmp_path / "nowhere")))
 
 
+def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_path):
+    """vae_from: the VAE phases are skipped, the UNet and text encoder start fresh, and the exported
+    autoencoder's files are the input's, byte for byte (weights and scaling_factor)."""
+    import json
+
+    module = _train_module()
+    whole, _, _ = trained
+    out = module.train(_tiny_config(tmp_path, "fresh", vae_from=str(whole), seed=3, unet_train={"steps": 2}))
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (out / "vae" / name).read_bytes() == (whole / "vae" / name).read_bytes(), name
+    info = json.loads((out / "training.json").read_text())
+    first = json.loads((whole / "training.json").read_text())
+    assert info["scaling_factor"] == first["scaling_factor"]
+    assert info["vae_from"]["sha256"] == module.weights_sha256(whole / "vae")
+    assert info["samples_seen"] == 2 * 4 and info["init_from"] is None
+    curves = (tmp_path / "fresh" / "run" / "curves.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in curves] == ["unet", "unet"]
+    # fresh, not continued: two UNet steps from another seed cannot land on the trained weights
+    a, c = _weights(whole), _weights(out)
+    assert all(not torch.equal(c[k], a[k]) for k in a if k.startswith("unet/") and k.endswith("conv_in.weight"))
+
+    wrong = {"model": {"vae": {"block_out_channels": [8, 8]}}}
+    with pytest.raises(ValueError, match="architecture differs from model.vae"):
+        module.train(_tiny_config(tmp_path, "wrong", vae_from=str(whole), **wrong))
+    with pytest.raises(ValueError, match="init_from or vae_from, not both"):
+        module.train(_tiny_config(tmp_path, "both", vae_from=str(whole), init_from=str(whole)))
+
+
+def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
+    """The GPU recipe's default vae_from is the committed autoencoder, whose architecture is the recipe's."""
+    from hydra import compose, initialize_config_dir
+
+    module = _train_module()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train_pocket", overrides=["device=cpu", f"vae_from={ROOT / 'models' / 'pocket-vae-h200'}"])
+    trainer = module.Trainer(cfg)
+    assert trainer.phase == "unet" and trainer.scaling_factor == pytest.approx(0.47744476795196533, abs=0)
+    assert module.weights_sha256(trainer.vae_source) == "251f642dd652d3f0eb2a8de8ee362073805cd2449badb49d1e12aa00e6b72fe1"
+
+
+def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
+    """(heads, channels per head) of every attention module of a UNet, read from the built modules,
+    and of every layer of the text encoder."""
+    from diffusers.models.attention_processor import Attention
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
+    unet, text = pipe_or_models["unet"], pipe_or_models["text_encoder"]
+    out = {f"unet.{n}": (m.heads, m.inner_dim // m.heads) for n, m in unet.named_modules() if isinstance(m, Attention)}
+    out.update({f"text_encoder.{n}": (m.num_heads, m.head_dim) for n, m in text.named_modules() if isinstance(m, CLIPAttention)})
+    return out
+
+
+@pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue"])
+def test_training_recipes_have_at_least_32_channels_per_head(config_name):
+    """diffusers reads attention_head_dim as a head COUNT: check what the modules are, not the name."""
+    from hydra import compose, initialize_config_dir
+
+    module = _train_module()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=["init_from=null"] if "continue" in config_name else [])
+    widths = _head_widths(module.build_models(cfg))
+    assert sum(k.startswith("unet.") for k in widths) >= 2 and sum(k.startswith("text_encoder.") for k in widths) >= 2
+    narrow = {k: v for k, v in widths.items() if v[1] < 32}
+    assert not narrow, narrow
+
+
+@needs_pocket
+def test_shipped_pocket_has_at_least_32_channels_per_head():
+    from nulltext.pocket import load_pocket
+
+    pipe = load_pocket()
+    widths = _head_widths({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
+    narrow = {k: v for k, v in widths.items() if v[1] < 32}
+    assert not narrow, narrow
+
+
 def test_evaluation_script_reports_every_part(trained, tmp_path):
     """scripts/evaluate_pocket_model.py on the tiny trained folder: each part present and consistent."""
     import json
@@ -162,9 +240,6 @@ def test_evaluation_script_reports_every_part(trained, tmp_path):
     ae = report["autoencoder_scenes"]
     assert ae["margin_db"] == pytest.approx(ae["vae_psnr"] - ae["down_up_psnr"])
     assert "## (iv) Editability" in (tmp_path / "pocket_eval.md").read_text()
-
-
-needs_pocket = pytest.mark.skipif(not (POCKET / "model_index.json").exists(), reason="models/pocket is not trained here")
 
 
 @needs_pocket
