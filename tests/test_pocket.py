@@ -167,6 +167,49 @@ def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_p
         module.train(_tiny_config(tmp_path, "both", vae_from=str(whole), init_from=str(whole)))
 
 
+def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_path):
+    """scripts/pocket_gpu_job.py on the CPU, tiny model, tiny budget: training stops on the budget and
+    exports its EMA, the evaluation runs, at most 8 files of at most the part size come back, and the
+    parts reassemble into a pipeline that loads and samples, with the autoencoder byte for byte."""
+    import io
+    import json
+    import tarfile
+
+    from nulltext.diffusion import Diffusion
+    from nulltext.models import load_pipeline
+
+    spec = importlib.util.spec_from_file_location("pocket_gpu_job", ROOT / "scripts" / "pocket_gpu_job.py")
+    job_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job_module)
+    whole, _, _ = trained
+    cfg = _tiny_config(tmp_path, "job", vae_from=str(whole), unet_train={"steps": 100_000, "warmup": 1})
+    out = tmp_path / "OUT"
+    part_mib = 2.0  # the tiny model is ~5 MB (most of it the 49,408-token table in float32)
+    eval_args = ["--steps", "2", "--text-images", "2", "--attention-images", "1", "--vae-images", "0", "--inv-images", "0", "--photos"]
+    job = job_module.run_job(cfg, out, minutes=0.16, reserve=0.1, device="cpu", part_mib=part_mib, eval_args=eval_args)
+
+    files = sorted(out.iterdir())
+    assert len(files) <= 8 and {"curves.csv", "pocket_eval.json", "pocket_eval.md", "job.json"} <= {f.name for f in files}
+    parts = sorted(out.glob("pocket.tar.part-*"))
+    assert len(parts) >= 2 and all(p.stat().st_size <= part_mib * 2**20 for p in parts)
+    assert 0 < job["unet_steps_done"] < 100_000  # the budget ran out: the EMA was exported as it stood
+    report = json.loads((out / "pocket_eval.json").read_text())
+    assert report["device"] == "cpu" and {"text_control", "attention_localisation"} <= report.keys()
+    assert "attention ratio >= 3" in report["checks"] and "text control @7.5: colour >= 95%" in report["checks"]
+
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        tar.extractall(tmp_path / "back", filter="data")
+    back = tmp_path / "back" / "pocket"
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (back / "vae" / name).read_bytes() == (whole / "vae" / name).read_bytes()
+    pipe = load_pipeline(str(back))
+    diffusion = Diffusion(pipe, num_inference_steps=2)
+    cond = diffusion.encode_text(["a large red circle in the center on a plain gray background"])
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = diffusion.decode(diffusion.sample(z, diffusion.encode_text([""])[:, None], cond[:, None])[:, -1])
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
 def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
     """The GPU recipe's default vae_from is the committed autoencoder, whose architecture is the recipe's."""
     from hydra import compose, initialize_config_dir
