@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from nulltext.data import _check_limit, _check_resolution
+from nulltext.data import check_limit, check_resolution
 from nulltext.errors import NulltextError
 
 __all__ = [
@@ -717,7 +717,7 @@ def render_layout(
     layout: SceneLayout, resolution: int = 64, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """Draw a layout: uint8 ``[n, 3, R, R]`` on ``device``. Deterministic (no random draws)."""
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     device = torch.device(device)
     n = len(layout)
     image = _background(layout, resolution, device)
@@ -790,9 +790,9 @@ class ScenesDataset(Dataset):
         split: str = "heldout",
         limit: int | None = None,
     ) -> None:
-        self.resolution = _check_resolution(resolution)
+        self.resolution = check_resolution(resolution)
         num_images = _check_count(num_images, "num_images")
-        limit = _check_limit(limit)
+        limit = check_limit(limit)
         self.seed = _check_seed(seed)
         self.split = _check_split(split)
         if limit is not None:
@@ -1054,7 +1054,7 @@ class SceneChecker:
         min_area: float = 0.3,
         device: str | torch.device | None = None,
     ) -> None:
-        self.resolution = _check_resolution(resolution)
+        self.resolution = check_resolution(resolution)
         if not 0 < colour_tolerance <= 1:
             raise NulltextError(f"colour_tolerance must be in (0, 1], got {colour_tolerance!r}")
         if not 0 <= min_area:
