@@ -18,17 +18,16 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from nulltext.apps import CONFIG_DIR, report_errors
 from nulltext.editing.cli import attention_app, edit_app, edit_bench_app
 from nulltext.errors import NulltextError
 
 log = logging.getLogger("nulltext")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 TABLE_COLUMNS = ("method", "PSNR", "LPIPS", "VAE PSNR", "iters", "s/image", "images")
 
 
@@ -120,45 +119,16 @@ class SummaryTable(Callback):
             print(format_table(rows))
 
 
-def user_error(error: BaseException) -> NulltextError | None:
-    """The NulltextError behind ``error``, also when hydra.utils.instantiate wrapped it."""
-    while error is not None and not isinstance(error, NulltextError):
-        error = error.__cause__
-    return error
-
-
-def _report_errors(task):
-    """Run a task; a user error becomes one line on stderr, not a traceback.
-
-    A single run then exits with status 2; in a multirun the failed job returns None and the
-    sweep goes on (one bad job must not stop a cluster sweep).
-    """
-
-    def wrapped(cfg: DictConfig):
-        try:
-            return task(cfg)
-        except Exception as error:
-            found = user_error(error)
-            if found is None:
-                raise
-            print(f"nulltext: error: {found}", file=sys.stderr)
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-                return None
-            sys.exit(2)
-
-    return wrapped
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def invert_app(cfg: DictConfig) -> float:
     # Returned so that Hydra sweepers can optimise it.
-    metrics = _report_errors(run_inversion)(cfg)
+    metrics = report_errors(run_inversion)(cfg)
     return metrics["psnr_mean"] if metrics else math.nan
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reconstruct")
 def reconstruct_app(cfg: DictConfig) -> None:
-    _report_errors(run_reconstruction)(cfg)
+    report_errors(run_reconstruction)(cfg)
 
 
 SUBCOMMANDS = {"reconstruct": reconstruct_app, "edit": edit_app, "attention": attention_app, "edit_bench": edit_bench_app}

@@ -184,7 +184,7 @@ def preprocess_image(
     crop to a square on the short side; bicubic PIL resize. ``source`` names the image in
     error messages. Raises :class:`ImageError` for a zero-size image.
     """
-    resolution = _check_resolution(resolution)
+    resolution = check_resolution(resolution)
     offsets = normalize_crop(crop) or (0, 0, 0, 0)
     w, h = image.size
     if w <= 0 or h <= 0:
@@ -257,7 +257,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_resolution(resolution: Any) -> int:
+def check_resolution(resolution: Any) -> int:
+    """An image side in pixels (a positive integer), for every dataset of the package."""
     if not _is_int(resolution) or resolution < 1:
         raise NulltextError(
             f"resolution must be a positive integer number of pixels, got {resolution!r}: "
@@ -266,7 +267,8 @@ def _check_resolution(resolution: Any) -> int:
     return int(resolution)
 
 
-def _check_limit(limit: Any) -> int | None:
+def check_limit(limit: Any) -> int | None:
+    """A dataset size limit: None (all) or an integer >= 0."""
     if limit is None:
         return None
     if not _is_int(limit) or limit < 0:
@@ -301,8 +303,8 @@ class _CaptionedImages(Dataset):
         missing_hint: str,
         exif_transpose: bool = False,
     ) -> None:
-        self.resolution = _check_resolution(resolution)
-        limit = _check_limit(limit)
+        self.resolution = check_resolution(resolution)
+        limit = check_limit(limit)
         self._entries = entries if limit is None else entries[:limit]
         self._caption_source = caption_source
         self._missing_hint = missing_hint
@@ -785,7 +787,7 @@ class CocoDataset(_CaptionedImages):
         self.root = root_dir
         self.annotations_file = ann_file
         self.seed = int(seed)
-        self.image_ids = chosen if limit is None else chosen[: _check_limit(limit)]
+        self.image_ids = chosen if limit is None else chosen[: check_limit(limit)]
         super().__init__(
             entries,
             resolution,
@@ -855,9 +857,9 @@ class InversionDataModule(L.LightningDataModule):
             raise NulltextError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if not _is_int(num_workers) or num_workers < 0:
             raise NulltextError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-        limit = _check_limit(limit)
+        limit = check_limit(limit)
         if resolution is not None:
-            resolution = _check_resolution(resolution)
+            resolution = check_resolution(resolution)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.limit = limit

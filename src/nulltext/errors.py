@@ -19,3 +19,10 @@ class ModelUnavailableError(NulltextError):
 
 class UnknownNameError(NulltextError):
     """An unknown model, method or dataset name was given."""
+
+
+def user_error(error: BaseException) -> NulltextError | None:
+    """The NulltextError behind ``error``, also when hydra.utils.instantiate wrapped it."""
+    while error is not None and not isinstance(error, NulltextError):
+        error = error.__cause__
+    return error

@@ -17,9 +17,10 @@ from nulltext.editing.attention import (
     LocalBlend,
     attention_control,
 )
-from nulltext.editing.edit import EditOutput, EditSettings, build_controller, edit
+from nulltext.editing.edit import EditSettings, build_controller, edit
 from nulltext.editing.errors import EditError
 from nulltext.editing.metrics import edit_metrics
+from nulltext.editing.sampling import EditOutput
 from nulltext.editing.sdedit import sdedit
 from nulltext.editing.tokens import align_tokens, refinement_mapper, replacement_mapper, word_positions
 

@@ -172,23 +172,23 @@ def run_edit_bench(cfg: DictConfig) -> dict:
     """Invert the cases with every method of ``cfg.methods``, edit each, score; writes edit_bench.json/.md and grid.png."""
     from hydra.utils import instantiate
 
-    from nulltext.editing.cli import SETTING_KEYS, _device, _plain
-    from nulltext.editing.edit import EditSettings, edit
+    from nulltext.apps import plain
+    from nulltext.editing.edit import SETTING_KEYS, EditSettings, edit
     from nulltext.editing.errors import EditError
     from nulltext.editing.visual import enlarge, grid, to_pil
     from nulltext.io import atomic_write_json, atomic_write_text
     from nulltext.methods import VAEReconstruction, image_seed, make_method
-    from nulltext.models import pipeline_resolution
+    from nulltext.models import pipeline_resolution, resolve_device
     from nulltext.provenance import provenance
     from nulltext.reconstruction import to_uint8
     from nulltext.runner import save_png
 
     output_dir = Path(cfg.paths.output_dir)
-    methods = list(_plain(cfg.methods))
+    methods = list(plain(cfg.methods))
     if not methods:
         raise EditError("give at least one inversion method: methods='[null_text]'")
-    options = _plain(cfg.get("method_options")) or {}
-    settings = {k: _plain(cfg[k]) for k in SETTING_KEYS if k in cfg}
+    options = plain(cfg.get("method_options")) or {}
+    settings = {k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg}
     if settings.get("mode") == "sdedit" and cfg.local_blend:
         raise EditError("local_blend works with Prompt-to-Prompt modes, not sdedit")
     EditSettings.from_dict(settings)  # clear errors before any model is loaded or inversion runs
@@ -198,7 +198,7 @@ def run_edit_bench(cfg: DictConfig) -> dict:
         raise EditError(f"{', '.join(unusable)}: a VAE reconstruction has no embeddings to edit with; drop it from methods")
 
     torch.manual_seed(cfg.seed)
-    pipe = instantiate(cfg.model).to(_device(cfg))
+    pipe = instantiate(cfg.model).to(resolve_device(cfg.get("device")))
     diffusion = instantiate(cfg.diffusion, pipe=pipe)
     resolution = pipeline_resolution(pipe)
     cases = colour_swap_cases(int(cfg.num_cases), resolution, int(cfg.seed), str(cfg.split), int(cfg.dilate), cfg.object_size)

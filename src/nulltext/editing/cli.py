@@ -16,32 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+from nulltext.apps import CONFIG_DIR, plain, report_errors
+
 GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
-SETTING_KEYS = (
-    "mode",
-    "cross_replace",
-    "self_replace",
-    "reweight",
-    "blend_words",
-    "blend_threshold",
-    "blend_start",
-    "blend_resolution",
-    "self_replace_max_tokens",
-    "strength",
-)
-
-
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
-def _device(cfg: DictConfig):
-    from nulltext.models import resolve_device
-
-    return resolve_device(cfg.get("device"))
 
 
 def _diffusion_from_record(record: dict, device):
@@ -64,10 +43,10 @@ def _load_source(cfg: DictConfig, output_dir: Path):
     from nulltext.artifacts import load_artifact, save_artifact
     from nulltext.data import load_image
     from nulltext.editing.errors import EditError
-    from nulltext.models import pipeline_resolution
+    from nulltext.models import pipeline_resolution, resolve_device
     from nulltext.provenance import provenance
 
-    device = _device(cfg)
+    device = resolve_device(cfg.get("device"))
     if cfg.get("artifact"):
         inversion, record = load_artifact(cfg.artifact)
         diffusion = _diffusion_from_record(record, device)
@@ -77,7 +56,7 @@ def _load_source(cfg: DictConfig, output_dir: Path):
         raise EditError("give artifact=<run>/inversions/<id>.safetensors, or image=<file> caption=<text> to invert first")
     pipe = instantiate(cfg.model).to(device)
     diffusion = instantiate(cfg.diffusion, pipe=pipe)
-    options = _plain(cfg.get("method_options")) or {}
+    options = plain(cfg.get("method_options")) or {}
     result = invert(
         pipe,
         cfg.image,
@@ -107,7 +86,7 @@ def _load_source(cfg: DictConfig, output_dir: Path):
 
 def run_edit(cfg: DictConfig) -> dict:
     """Edit one inverted image; writes grid.png, reconstruction.png, edits/, masks/, metrics.json, settings.json."""
-    from nulltext.editing.edit import EditSettings, edit
+    from nulltext.editing.edit import SETTING_KEYS, EditSettings, edit
     from nulltext.editing.errors import EditError
     from nulltext.editing.metrics import edit_metrics, load_mask
     from nulltext.editing.visual import enlarge, grid, slug, to_pil
@@ -116,11 +95,11 @@ def run_edit(cfg: DictConfig) -> dict:
     from nulltext.runner import save_png
 
     output_dir = Path(cfg.paths.output_dir)
-    prompts = None if OmegaConf.is_missing(cfg, "prompts") else _plain(cfg.prompts)
+    prompts = None if OmegaConf.is_missing(cfg, "prompts") else plain(cfg.prompts)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if not prompts:
         raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
-    settings = EditSettings.from_dict({k: _plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
+    settings = EditSettings.from_dict({k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
     diffusion, inversion, record, image, source = _load_source(cfg, output_dir)
     out = edit(diffusion, inversion, prompts, settings)
 
@@ -178,7 +157,7 @@ def run_edit(cfg: DictConfig) -> dict:
             "model_config": record.get("model_config"),
             "diffusion_config": record.get("diffusion_config"),
             "inversion_method": record.get("method"),
-            "config": {k: _plain(v) for k, v in cfg.items() if k != "hydra"},
+            "config": {k: plain(v) for k, v in cfg.items() if k != "hydra"},
         },
     )
     atomic_write_json(output_dir / "metrics.json", metrics)
@@ -198,6 +177,7 @@ def run_attention(cfg: DictConfig) -> Path:
     from nulltext.editing.tokens import token_texts
     from nulltext.editing.visual import attention_tile, grid, to_pil
     from nulltext.io import atomic_write, atomic_write_json
+    from nulltext.models import resolve_device
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
 
@@ -205,7 +185,7 @@ def run_attention(cfg: DictConfig) -> Path:
     if OmegaConf.is_missing(cfg, "artifact") or not cfg.artifact:
         raise EditError("give artifact=<run>/inversions/<id>.safetensors")
     inversion, record = load_artifact(cfg.artifact)
-    diffusion = _diffusion_from_record(record, _device(cfg))
+    diffusion = _diffusion_from_record(record, resolve_device(cfg.get("device")))
     source_prompt = inversion.prompts[0]
     prompt = cfg.get("prompt") or source_prompt
     targets = [] if prompt == source_prompt else [prompt]
@@ -213,7 +193,7 @@ def run_attention(cfg: DictConfig) -> Path:
     out = edit(diffusion, inversion, targets, store)
     row = len(out.prompts) - 1
     queries = int(cfg.resolution) ** 2 if cfg.get("resolution") else None
-    places = list(_plain(cfg.places))
+    places = list(plain(cfg.places))
     maps = store.aggregate(queries=queries, places=places)[row]  # [h, w, L]
     tokens = token_texts(diffusion.tokenizer, prompt)
     size = int(cfg.tile_size)
@@ -241,27 +221,18 @@ def run_attention(cfg: DictConfig) -> Path:
     return path
 
 
-def _report(task):
-    def wrapped(cfg: DictConfig):
-        from nulltext.cli import _report_errors  # late: nulltext.cli imports this module
-
-        return _report_errors(task)(cfg)
-
-    return wrapped
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="edit")
 def edit_app(cfg: DictConfig) -> None:
-    _report(run_edit)(cfg)
+    report_errors(run_edit)(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
 def attention_app(cfg: DictConfig) -> None:
-    _report(run_attention)(cfg)
+    report_errors(run_attention)(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="edit_bench")
 def edit_bench_app(cfg: DictConfig) -> None:
     from nulltext.editing.benchmark import run_edit_bench
 
-    _report(run_edit_bench)(cfg)
+    report_errors(run_edit_bench)(cfg)

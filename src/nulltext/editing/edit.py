@@ -8,14 +8,14 @@ edit only the conditional half and never the source row, so row 0 is the source 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion, guide, step_embedding
+from nulltext.diffusion import Diffusion
 from nulltext.editing.attention import (
     AttentionController,
     AttentionRefine,
@@ -28,6 +28,8 @@ from nulltext.editing.attention import (
     attention_control,
 )
 from nulltext.editing.errors import EditError
+from nulltext.editing.sampling import EditOutput, check_inversion, sample_prompts
+from nulltext.editing.sdedit import sdedit
 from nulltext.methods.base import Inversion
 from nulltext.reconstruction import to_uint8
 
@@ -93,16 +95,7 @@ class EditSettings:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class EditOutput:
-    """The edited batch: row 0 is the source reconstruction, rows 1..K the edits, in prompt order."""
-
-    images: Tensor  # uint8 [1+K, 3, H, W]
-    latents: Tensor  # final latents [1+K, C, h, w]
-    prompts: list[str]  # [source, *targets]
-    masks: Tensor | None = None  # local blend: float {0,1} [K, 1, H, W], 1 = where the edit may change pixels
-    latent_masks: Tensor | None = None  # the same at latent resolution [K, 1, h, w]
-    settings: dict = field(default_factory=dict)
+SETTING_KEYS = tuple(f.name for f in dataclasses.fields(EditSettings))  # the config keys of an edit
 
 
 def build_controller(settings: EditSettings) -> AttentionController | None:
@@ -140,13 +133,6 @@ def _local_blend(settings: EditSettings) -> LocalBlend:
     )
 
 
-def _check_inversion(inversion: Inversion) -> None:
-    if inversion.uncond is None or inversion.cond is None:
-        raise EditError("this inversion has no embeddings (a VAE reconstruction); only sampled inversions can be edited")
-    if inversion.z_T.shape[0] != 1:
-        raise EditError(f"edit one image at a time (inversion.select(b)); this inversion holds {inversion.z_T.shape[0]}")
-
-
 def prompt_conditions(diffusion: Diffusion, inversion: Inversion, target_prompts: Sequence[str]) -> Tensor:
     """[P, S|1, L, D]: the source row's own (possibly per-step) condition, then psi(target) per target."""
     source = inversion.cond.to(diffusion.device)
@@ -154,39 +140,6 @@ def prompt_conditions(diffusion: Diffusion, inversion: Inversion, target_prompts
         return source
     targets = diffusion.encode_text(list(target_prompts)).unsqueeze(1)  # [K, 1, L, D]
     return torch.cat([source, targets.expand(-1, source.shape[1], -1, -1)])
-
-
-@torch.no_grad()
-def sample_prompts(
-    diffusion: Diffusion,
-    z: Tensor,
-    uncond: Tensor,
-    conds: Tensor,
-    guidance_scale: float,
-    controller: AttentionController | None = None,
-    start: int = 0,
-) -> Tensor:
-    """Guided DDIM sampling of P prompts from ``z`` [1|P, C, h, w], steps ``start``..S-1.
-
-    ``uncond`` [1, S|1, L, D] is broadcast to every prompt; ``conds`` is [P, S|1, L, D]. One UNet
-    call per step on ``[z; z]`` with context ``[null_i x P; C_1..C_P]`` (Diffusion.guided_output's
-    layout), then the controller's step callback (local blend). Returns the final latents [P, ...].
-    """
-    prompts = conds.shape[0]
-    z = z.expand(prompts, *z.shape[1:]).clone()
-    uncond, conds = uncond.to(z.device), conds.to(z.device)
-    for i in range(start, diffusion.schedule.num_steps):
-        t = diffusion.timesteps[i]
-        u = step_embedding(uncond, i).expand(prompts, -1, -1)
-        c = step_embedding(conds, i)
-        if controller is not None:
-            controller.begin_step(i)
-        out_u, out_c = diffusion.model_output(torch.cat([z, z]), t, torch.cat([u, c])).chunk(2)
-        z = diffusion.schedule.denoise_step(guide(out_u, out_c, guidance_scale), t, z)
-        if controller is not None:
-            z = controller.step_callback(z)
-            controller.end_step()
-    return z
 
 
 def upsample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
@@ -207,7 +160,7 @@ def edit(
     :class:`AttentionController` (e.g. an :class:`~nulltext.editing.attention.AttentionStore` or a
     :class:`ControllerGroup`), or None for plain batched sampling without attention control.
     """
-    _check_inversion(inversion)
+    check_inversion(inversion)
     controller: AttentionController | None
     settings: EditSettings | None = None
     if isinstance(controller_settings, AttentionController):
@@ -216,8 +169,6 @@ def edit(
         if controller_settings is not None:
             settings = controller_settings if isinstance(controller_settings, EditSettings) else EditSettings.from_dict(controller_settings)
             if settings.mode == "sdedit":
-                from nulltext.editing.sdedit import sdedit
-
                 return sdedit(diffusion, inversion, target_prompts, settings.strength, guidance_scale=guidance_scale)
         controller = build_controller(settings) if settings is not None else None
     w = inversion.guidance_scale if guidance_scale is None else float(guidance_scale)

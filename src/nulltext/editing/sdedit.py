@@ -14,8 +14,8 @@ from typing import Literal, Sequence
 import torch
 
 from nulltext.diffusion import Diffusion
-from nulltext.editing.edit import EditOutput, _check_inversion, sample_prompts
 from nulltext.editing.errors import EditError
+from nulltext.editing.sampling import EditOutput, check_inversion, sample_prompts
 from nulltext.methods.base import Inversion
 from nulltext.reconstruction import reconstruct, to_uint8
 
@@ -37,7 +37,7 @@ def sdedit(
     source: Literal["reconstruction", "pivot"] = "reconstruction",
 ) -> EditOutput:
     """Row 0: the reconstruction; rows 1..K: SDEdit of each target prompt from step ``S - round(strength S)``."""
-    _check_inversion(inversion)
+    check_inversion(inversion)
     w = inversion.guidance_scale if guidance_scale is None else float(guidance_scale)
     steps = diffusion.schedule.num_steps
     first = start_step(float(strength), steps)
