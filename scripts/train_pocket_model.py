@@ -9,7 +9,7 @@
 Two phases, one checkpoint format:
 
 (a) VAE (``AutoencoderKL``): MSE + small KL + an edge (image-gradient) loss, on procedural scenes
-    (:func:`nulltext.scenes.render_scenes`, ``split="train"``), random crops of the offline photos
+    (:func:`nulltext.scenes.sample_layout` ``split="train"``, drawn on the device), random crops of the offline photos
     (:class:`nulltext.data.SampleImages` loaded at a higher resolution; a few photos held out for
     evaluation) and 1/f-noise colour fields; optionally a decoder-only fine-tune at the end.
 (b) UNet (``UNet2DConditionModel``) + ``CLIPTextModel`` jointly, epsilon prediction on the SD DDIM
@@ -60,7 +60,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, resolve_device  # noqa: E402
-from nulltext.scenes import render_scenes  # noqa: E402
+from nulltext.scenes import LayoutTokenizer, render_layout, sample_layout  # noqa: E402
 
 PHASES = ("vae", "decoder", "unet")
 
@@ -117,38 +117,6 @@ class CSVLog:
 # ------------------------------------------------------------------------------------------------
 
 
-class WordTokenizer:
-    """CLIP token ids of template captions, built word by word from a cache (no Python BPE per sample).
-
-    CLIP's BPE works on each whitespace-separated lower-case word on its own, so the ids of a
-    caption made of plain words are BOS + the ids of its words + EOS, padded with EOS to 77.
-    Checked against the real tokenizer on the first captions it sees.
-    """
-
-    def __init__(self):
-        self.tokenizer = clip_tokenizer()
-        self.bos, self.eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        self.words: dict[str, list[int]] = {}
-        self.checked = 0
-
-    def word(self, w: str) -> list[int]:
-        if w not in self.words:
-            self.words[w] = self.tokenizer(w, add_special_tokens=False).input_ids
-        return self.words[w]
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        out = torch.full((len(captions), CLIP_CONTEXT_LENGTH), self.eos, dtype=torch.long)
-        for i, caption in enumerate(captions):
-            ids = [self.bos] + [t for w in caption.split() for t in self.word(w)] + [self.eos]
-            ids = ids[: CLIP_CONTEXT_LENGTH - 1] + [self.eos] if len(ids) > CLIP_CONTEXT_LENGTH else ids
-            if self.checked < 32:
-                real = self.tokenizer(caption, padding="max_length", max_length=CLIP_CONTEXT_LENGTH, truncation=True).input_ids
-                assert real[: len(ids)] == ids, f"word tokenizer disagrees with CLIP on {caption!r}"
-                self.checked += 1
-            out[i, : len(ids)] = torch.tensor(ids)
-        return out
-
-
 class PhotoCrops:
     """Random crops of the offline photos (held-out ids excluded), resized to the training resolution."""
 
@@ -163,26 +131,25 @@ class PhotoCrops:
                 images.append(dataset[i]["image"])
             except Exception as error:  # a missing wheel: train without that photo
                 print(f"photo {names[i]} unavailable ({error}); skipped", flush=True)
-        self.images = torch.stack(images).to(device) if images else None
+        self.images = torch.stack(images).to(device).float() if images else None
         self.ids = names
 
     def __call__(self, n: int, resolution: int, g: torch.Generator, min_crop: float) -> torch.Tensor:
-        """n crops in [-1, 1], float [n,3,R,R]; crop side uniform in [min_crop, 1] of the photo side."""
+        """n crops in [-1, 1], float [n,3,R,R]; crop side uniform in [min_crop, 1] of the photo side,
+        half of them flipped. One ``roi_align`` call for the batch: each output pixel averages the
+        crop's pixels under it (adaptive sampling), so shrinking a large crop does not alias."""
+        from torchvision.ops import roi_align
+
         src = self.images
         size = src.shape[-1]
-        u = torch.rand(n, 5, generator=g, device=g.device).cpu()
-        out = []
-        for j in range(n):
-            k = int(u[j, 0] * len(src)) % len(src)
-            side = max(resolution, int(size * (min_crop + (1 - min_crop) * u[j, 1])))
-            side = min(side, size)
-            top, left = int(u[j, 2] * (size - side + 1)), int(u[j, 3] * (size - side + 1))
-            crop = src[k : k + 1, :, top : top + side, left : left + side].float()
-            crop = F.interpolate(crop, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-            if u[j, 4] < 0.5:
-                crop = crop.flip(-1)
-            out.append(crop)
-        return (torch.cat(out) / 127.5 - 1).clamp(-1, 1)
+        u = torch.rand(n, 5, generator=g, device=g.device).to(src.device)
+        k = (u[:, 0] * len(src)).long().clamp_(max=len(src) - 1)
+        side = (size * (min_crop + (1 - min_crop) * u[:, 1])).clamp(min=resolution, max=size)
+        top, left = u[:, 2] * (size - side), u[:, 3] * (size - side)
+        boxes = torch.stack([k.float(), left, top, left + side, top + side], dim=1)
+        crops = roi_align(src, boxes, output_size=resolution, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        crops = torch.where((u[:, 4] < 0.5)[:, None, None, None], crops.flip(-1), crops)
+        return (crops / 127.5 - 1).clamp(-1, 1)
 
 
 def noise_fields(n: int, resolution: int, g: torch.Generator) -> torch.Tensor:
@@ -203,9 +170,9 @@ def noise_fields(n: int, resolution: int, g: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def scene_batch(n: int, seed: int, resolution: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
-    images, captions, _ = render_scenes(n, seed, resolution, split="train", device=device)
-    return images.float() / 127.5 - 1, captions
+def scene_images(layout, resolution: int, device: torch.device) -> torch.Tensor:
+    """A layout drawn on the training device, float in [-1, 1]."""
+    return render_layout(layout, resolution, device).float() / 127.5 - 1
 
 
 def vae_batch(cfg: DictConfig, step: int, phase: str, photos: PhotoCrops | None, device: torch.device) -> torch.Tensor:
@@ -215,12 +182,30 @@ def vae_batch(cfg: DictConfig, step: int, phase: str, photos: PhotoCrops | None,
     n_photo = int(round(n * v.photo_fraction)) if photos is not None and photos.images is not None else 0
     n_noise = int(round(n * v.noise_fraction))
     n_scene = n - n_photo - n_noise
-    parts = [scene_batch(n_scene, data_seed(cfg.seed, phase, step), cfg.resolution, device)[0]]
+    parts = [scene_images(sample_layout(n_scene, data_seed(cfg.seed, phase, step)), cfg.resolution, device)]
     if n_photo:
-        parts.append(photos(n_photo, cfg.resolution, g, v.photo_min_crop).to(device))
+        parts.append(photos(n_photo, cfg.resolution, g, v.photo_min_crop))
     if n_noise:
         parts.append(noise_fields(n_noise, cfg.resolution, g).to(device))
     return torch.cat(parts)
+
+
+def unet_batch_host(cfg: DictConfig, step: int, tokens: LayoutTokenizer) -> tuple:
+    """The host part of a UNet batch, CPU tensors only: the scenes' layout and their token ids, a
+    ``caption_dropout`` share replaced by the empty caption's (classifier-free guidance). Index
+    tensors and one table gather per caption part: no per-sample Python."""
+    u = cfg.unet_train
+    layout = sample_layout(u.batch_size, data_seed(cfg.seed, "unet", step))
+    ids = tokens(layout)
+    drop = torch.rand(u.batch_size, generator=torch.Generator().manual_seed(data_seed(cfg.seed, "unet", step))) < u.caption_dropout
+    ids[drop] = tokens.empty
+    return layout, ids
+
+
+def unet_batch(cfg: DictConfig, step: int, tokens: LayoutTokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scenes in [-1, 1] rendered on ``device`` and their token ids there."""
+    layout, ids = unet_batch_host(cfg, step, tokens)
+    return scene_images(layout, cfg.resolution, device), ids.to(device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +289,8 @@ class Trainer:
         elif cfg.resume:
             print(f"resume=true but no checkpoint at {self.ckpt_path}: starting from scratch", flush=True)
         self.log = CSVLog(self.run_dir / "curves.csv")
-        self.tokens = WordTokenizer()
+        self.tokenizer = clip_tokenizer()
+        self.tokens = LayoutTokenizer(self.tokenizer)
         self.photos: PhotoCrops | None = None
 
     # -- phase state ------------------------------------------------------------------------------
@@ -453,7 +439,7 @@ class Trainer:
         vae.eval()
         means = []
         for b in range(cfg.unet_train.scale_batches):
-            x, _ = scene_batch(cfg.unet_train.batch_size, data_seed(cfg.seed, "decoder", 10**9 + b), cfg.resolution, self.device)
+            x = scene_images(sample_layout(cfg.unet_train.batch_size, data_seed(cfg.seed, "decoder", 10**9 + b)), cfg.resolution, self.device)
             means.append(vae.encode(x).latent_dist.mean.float())
         return float(1.0 / torch.cat(means).std())
 
@@ -461,11 +447,8 @@ class Trainer:
         cfg, u = self.cfg, self.cfg.unet_train
         unet, text, vae = self.models["unet"], self.models["text_encoder"], self.models["vae"]
         n = u.batch_size
-        x, captions = scene_batch(n, data_seed(cfg.seed, "unet", self.step), cfg.resolution, self.device)
+        x, ids = unet_batch(cfg, self.step, self.tokens, self.device)
         g = step_generator(cfg.seed, "unet", self.step, self.device)
-        drop = torch.rand(n, generator=g, device=self.device) < u.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        ids = self.tokens(captions).to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             z0 = vae.encode(x).latent_dist.mean.float() * self.scaling_factor
         t = torch.randint(0, 1000, (n,), generator=g, device=self.device)
@@ -570,7 +553,7 @@ class Trainer:
             unet=unet,
             vae=vae,
             text_encoder=text,
-            tokenizer=self.tokens.tokenizer,
+            tokenizer=self.tokenizer,
             scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG),
             safety_checker=None,
             feature_extractor=None,

@@ -130,6 +130,23 @@ def test_bad_arguments_raise_one_line_errors():
         ScenesDataset(resolution=0)
 
 
+def test_layout_tokenizer_equals_the_clip_tokenizer_on_the_captions():
+    """The tensor token ids of training batches are exactly what the real CLIP tokenizer makes of the
+    captions (BOS, words, EOS, EOS padding), for 1-3 objects and for a scene without objects."""
+    from nulltext.models import clip_tokenizer
+    from nulltext.scenes import LayoutTokenizer
+
+    tokenizer = clip_tokenizer()
+    tokens = LayoutTokenizer(tokenizer)
+    layouts = [sample_layout(600, seed=7, split="train"), sample_layout(300, seed=8, split="heldout"),
+               layout_from_scenes([Scene((), "stripes", "pink"), Scene((), "plain", "gray")])]
+    for layout in layouts:
+        real = tokenizer(layout.captions(), padding="max_length", max_length=77, truncation=True).input_ids
+        assert tokens(layout).tolist() == real
+    assert set(layouts[0].count.tolist()) == {1, 2, 3}
+    assert tokens.empty.tolist() == tokenizer("", padding="max_length", max_length=77).input_ids
+
+
 # ------------------------------------------------------------------------------------------
 # Determinism, rendering, captions
 # ------------------------------------------------------------------------------------------
