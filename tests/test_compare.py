@@ -7,7 +7,7 @@ import torch
 
 from helpers import composed, run_nulltext
 from nulltext.cli import run_inversion
-from nulltext.cost import CPU_PEAK, PeakMemory, UNetCounter, peak_memory_definition
+from nulltext.cost import CPU_PEAK, CUDA_PEAK, PeakMemory, UNetCounter, peak_memory_definition
 from nulltext.diffusion import Diffusion
 
 S = 3  # DDIM steps of every run here
@@ -83,6 +83,18 @@ def test_cpu_peak_memory_sees_an_allocation_inside_the_block_and_is_reset_for_th
         pass
     assert busy.definition == idle.definition == CPU_PEAK
     assert busy.mib - idle.mib > 0.9 * size / 2**20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_memory_is_the_allocators_peak_inside_the_block():
+    size = 256 * 2**20
+    with PeakMemory("cuda") as busy:
+        block = torch.ones(size // 4, device="cuda")
+        del block
+    with PeakMemory("cuda") as idle:
+        pass
+    assert busy.definition == CUDA_PEAK
+    assert busy.mib - idle.mib == pytest.approx(size / 2**20, rel=0.01)
 
 
 @pytest.mark.slow
