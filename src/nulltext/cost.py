@@ -33,7 +33,8 @@ class UNetCounter:
 
     ``rows`` is the number of UNet evaluations since the counter was made (see the module's
     convention). Use as a context manager, or call :meth:`remove`. Calls made inside
-    :meth:`paused` are not counted (e.g. evaluations a run does for its own curves).
+    :meth:`paused` are not counted (e.g. evaluations a run does for its own curves). A UNet run
+    through ``torch.compile`` (null-text's ``compile`` option) has not been checked to fire the hook.
     """
 
     def __init__(self, unet: torch.nn.Module):
