@@ -20,6 +20,8 @@ from nulltext.metrics import (
     load_lpips,
     lpips_per_image,
     psnr_per_image,
+    score_uint8,
+    ssim_per_image,
 )
 
 # Official LPIPS-alex v0.1 (normalize=True) values for pyiqa's calibration pairs, as published
@@ -237,3 +239,43 @@ def test_psnr_matches_pyiqa_on_calibration_pairs():
 def test_psnr_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         psnr_per_image(torch.zeros(2, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------- SSIM
+
+
+def test_ssim_per_image_equals_scikit_image_per_pair():
+    from skimage.metrics import structural_similarity
+
+    target = _random_images(2, size=48, seed=7)
+    noise = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(8))
+    pred = (target + torch.tensor([0.02, 0.3]).view(2, 1, 1, 1) * noise).clamp(0, 1)
+    got = ssim_per_image(pred, target)
+    # scikit-image with the settings of Wang et al. 2004 (gaussian window 11, sigma 1.5, population
+    # covariance), one pair at a time: the per-image values, not one pooled over the batch.
+    # torchmetrics averages the SSIM map over the whole image, mirror-padding 5 px (edge pixel not
+    # repeated); scikit-image drops a 5 px border instead. Padded the same way first, scikit-image's
+    # dropped border is exactly the padding, so the two definitions must agree.
+    def padded(x):
+        return np.pad(x.double().numpy(), ((0, 0), (5, 5), (5, 5)), mode="reflect")
+
+    expected = [
+        structural_similarity(
+            padded(p), padded(t), data_range=1.0, channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+        for p, t in zip(pred, target)
+    ]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-5)
+    assert expected[0] - expected[1] > 0.3  # two very different pairs: a pooled value would fit neither
+    assert ssim_per_image(target, target).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+
+
+def test_score_uint8_gives_psnr_lpips_and_ssim_of_the_same_float_images():
+    model, _ = load_lpips("alex")
+    images = (_random_images(2, size=32, seed=9) * 255).to(torch.uint8)
+    targets = (_random_images(2, size=32, seed=10) * 255).to(torch.uint8)
+    scores = score_uint8(model, images, targets)
+    pred, target = images.float() / 255, targets.float() / 255
+    assert torch.equal(scores.psnr, psnr_per_image(pred, target))
+    assert torch.equal(scores.ssim, ssim_per_image(pred, target))
+    assert torch.allclose(scores.lpips, lpips_per_image(model, pred, target))

@@ -73,11 +73,12 @@ def invert(
     seconds = time.perf_counter() - start
     recon = reconstruct(diffusion, inversion).images
     lpips_model, lpips_spec = load_lpips("alex", device=diffusion.device)
-    psnr, lpips = score_uint8(lpips_model, recon, pixels)
-    vae_psnr, _ = score_uint8(lpips_model, to_uint8(diffusion.decode(z0)), pixels)
+    scores = score_uint8(lpips_model, recon, pixels)
+    vae_psnr = score_uint8(lpips_model, to_uint8(diffusion.decode(z0)), pixels).psnr
     metrics = {
-        "psnr": psnr.item(),
-        "lpips": lpips.item(),
+        "psnr": scores.psnr.item(),
+        "lpips": scores.lpips.item(),
+        "ssim": scores.ssim.item(),
         "vae_psnr": vae_psnr.item(),
         "iterations": inversion.iterations[0],
         "seconds": seconds,

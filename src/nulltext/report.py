@@ -1,11 +1,19 @@
-"""``nulltext report <sweep dir>``: the paper's Fig. 4 (and Fig. 9) from a sweep's outputs.
+"""``nulltext report <sweep dir>``: the paper's Fig. 4 (and Fig. 9), and the method comparison, from a sweep's outputs.
 
-Reads every job's ``metrics.json`` (no recomputation) and writes, into ``<sweep dir>/report/``:
-``ablation.png`` / ``.svg`` (PSNR and LPIPS against optimisation iterations and against seconds,
-mean over images with a +-1 standard deviation band, the VAE upper bound and the DDIM lower bound
-as lines), ``ablation.csv`` (every point), ``ablation.md`` (each variant's final point), and, when
-the sweep varied the pivot's guidance, ``pivot_guidance.png`` / ``.svg`` (paper Fig. 9). With
-``--wandb`` the same curves go to wandb, one run per job grouped by the sweep.
+Reads every job's ``metrics.json`` below the directory (no recomputation) and writes, into
+``<sweep dir>/report/``:
+
+- ``ablation.png`` / ``.svg`` (PSNR and LPIPS against optimisation iterations and against seconds,
+  mean over images with a +-1 standard deviation band, the VAE upper bound and the DDIM lower bound
+  as lines), ``ablation.csv`` (every point), ``ablation.md`` (each variant's final point);
+- ``comparison.png`` / ``.svg`` (``experiment=compare_methods``: PSNR and LPIPS against seconds per
+  image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
+  it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
+  ``comparison.md`` / ``.csv`` (one row per job: PSNR, LPIPS, SSIM, seconds, UNet evaluations of
+  the inversion and of the reconstruction, and peak memory per image);
+- when the sweep varied the pivot's guidance, ``pivot_guidance.png`` / ``.svg`` (paper Fig. 9).
+
+With ``--wandb`` the curves go to wandb, one run per job grouped by the sweep.
 """
 
 from __future__ import annotations
@@ -140,6 +148,138 @@ def markdown_table(variants: dict[str, Variant], vae: tuple[float, float]) -> st
     return "\n".join(lines) + "\n"
 
 
+def ok_images(job: dict) -> list[dict]:
+    return [r for r in job["images"] if r["status"] == "ok"]
+
+
+def image_stats(job: dict, key: str) -> tuple[float, float] | None:
+    """Mean and std over the job's images of ``key`` (None when no image has it, e.g. older runs)."""
+    values = [r[key] for r in ok_images(job) if r.get(key) is not None]
+    return mean_std(values) if values else None
+
+
+# The comparison table: (markdown header, CSV name, per-image key, decimals, with std).
+COMPARISON_COLUMNS = (
+    ("PSNR (dB)", "psnr", "psnr", 2, True),
+    ("LPIPS (alex)", "lpips", "lpips", 4, True),
+    ("SSIM", "ssim", "ssim", 4, True),
+    ("s / image", "seconds", "seconds", 2, True),
+    ("UNet evals / image: inversion", "unet_inversion", "inversion_unet_evaluations", 0, False),
+    ("UNet evals / image: reconstruction", "unet_reconstruction", "reconstruction_unet_evaluations", 0, False),
+    ("peak memory (MiB)", "peak_memory_mib", "peak_memory_mib", 0, False),
+)
+
+
+def sweep_order(job: dict) -> tuple[int, int]:
+    """Jobs of the sweep itself before those of sub-sweeps (budgets), each in Hydra job order (``<n>_<method>``)."""
+    path = Path(job["job_dir"])
+    head = path.name.split("_")[0]
+    return len(path.parts), int(head) if head.isdigit() else 0
+
+
+def job_labels(jobs: list[dict]) -> list[str]:
+    """Each job's row name: the method, and for a method run several times the settings that differ."""
+    labels = []
+    for job in jobs:
+        name = PAPER_NAMES.get(job["method"], job["method"])
+        same = [j for j in jobs if j["method"] == job["method"]]
+        if len(same) > 1:
+            configs = [j.get("config", {}).get("inversion", {}) for j in same]
+            mine = job.get("config", {}).get("inversion", {})
+            keys = sorted({k for c in configs for k in c if len({json.dumps(d.get(k), sort_keys=True) for d in configs}) > 1})
+            settings = ", ".join(f"{k}={mine.get(k)}" for k in keys) or Path(job["job_dir"]).name
+            name = f"{name} ({settings})"
+        labels.append(name)
+    return labels
+
+
+def comparison_rows(jobs: list[dict]) -> list[dict]:
+    """One row per job (pivot-guidance jobs included), grouped by method in sweep order, smallest budget first."""
+    labels = job_labels(jobs)
+    first: dict[str, int] = {}
+    for job in sorted(jobs, key=sweep_order):
+        first.setdefault(job["method"], len(first))
+    rows = [
+        {"label": label, "method": job["method"], "images": len(ok_images(job)), "peak_memory": job.get("peak_memory"),
+         **{key: image_stats(job, key) for key in ("iterations", *[c[2] for c in COMPARISON_COLUMNS])}}
+        for label, job in zip(labels, jobs)
+    ]
+    budget = lambda r: tuple((r[key] or (0.0,))[0] for key in ("iterations", "seconds"))  # noqa: E731
+    return sorted(rows, key=lambda r: (first[r["method"]], budget(r)))
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    def cell(value: tuple[float, float] | None, decimals: int, with_std: bool) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value[0]:.{decimals}f} +- {value[1]:.{decimals}f}" if with_std else f"{value[0]:.{decimals}f}"
+
+    headers = ["method", *[c[0] for c in COMPARISON_COLUMNS], "images"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        cells = [cell(row[key], decimals, std) for _, _, key, decimals, std in COMPARISON_COLUMNS]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {row['images']} |")
+    lines.append(
+        "\nMeans over images, +- one standard deviation. Seconds: the inversion alone. UNet evaluations: "
+        "rows of UNet batches, counted by a hook on the UNet (guidance's [uncond; cond] call = 2 per image)."
+    )
+    for definition in sorted({r["peak_memory"] for r in rows if r["peak_memory"]}):
+        lines.append(f"Peak memory of the inversion: {definition}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison_csv(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = ["variant", "method"]
+    for _, name, _, _, with_std in COMPARISON_COLUMNS:
+        header += [f"{name}_mean", f"{name}_std"] if with_std else [name]
+    writer.writerow([*header, "images", "peak_memory_definition"])
+    for row in rows:
+        values = []
+        for _, _, key, _, with_std in COMPARISON_COLUMNS:
+            stats = row[key] or (None, None)
+            values += list(stats) if with_std else [stats[0]]
+        writer.writerow([row["label"], row["method"], *values, row["images"], row["peak_memory"]])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_comparison(rows: list[dict], variants: dict[str, Variant], vae: tuple[float, float], stem: Path) -> list[Path]:
+    """Quality against seconds per image: each job a point (+-1 std both ways), a method's points a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "vae" and r["seconds"] and r["psnr"]))
+    # tab20's dark shades first, then the light ones: neighbouring methods get distinct hues.
+    colours = dict(zip(methods, [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "lpips", "LPIPS (alex)")):
+        for method in methods:
+            colour = colours[method]
+            curve = variants[method].points if method in variants else []
+            if len(curve) > 1:
+                ax.plot([p.seconds for p in curve], [getattr(p, metric)[0] for p in curve], color=colour, linewidth=1, alpha=0.7)
+            for row in (r for r in rows if r["method"] == method and r[metric]):
+                ax.errorbar(row["seconds"][0], row[metric][0], xerr=row["seconds"][1], yerr=row[metric][1],
+                            color=colour, marker="o", markersize=5, capsize=3, linestyle="none")
+            ax.plot([], [], color=colour, marker="o", label=PAPER_NAMES.get(method, method))
+        if metric == "psnr":
+            ax.axhline(vae[0], color="black", linestyle="--", label=PAPER_NAMES["vae"])
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per image (inversion)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=10)
+    figure.suptitle("Inversion methods: reconstruction quality against time (mean over images, bars = +-1 std)")
+    figure.tight_layout(rect=(0, 0.1, 1, 0.95))
+    paths = save_figure(figure, stem)
+    plt.close(figure)
+    return paths
+
+
 def save_figure(figure, stem: Path) -> list[Path]:
     paths = []
     for suffix in (".png", ".svg"):
@@ -227,7 +367,9 @@ def log_to_wandb(jobs: list[dict], sweep_dir: Path, project: str, num_images: in
             )
             samples = sorted(Path(job["job_dir"]).glob("images/*.png"))[:num_images]
             run.log({"reconstructions": [wandb.Image(str(p), caption=f"{p.stem}: input | VAE | reconstruction") for p in samples]})
-            run.summary.update({k: job[k] for k in ("psnr_mean", "lpips_mean", "vae_psnr_mean") if k in job})
+            summary = ("psnr_mean", "lpips_mean", "ssim_mean", "vae_psnr_mean", "seconds_mean", "inversion_unet_evaluations_mean",
+                       "reconstruction_unet_evaluations_mean", "peak_memory_mib_mean")
+            run.summary.update({k: job[k] for k in summary if k in job})
         finally:
             run.finish()
 
@@ -243,11 +385,18 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_pro
     table = markdown_table(variants, vae)
     atomic_write_text(out / "ablation.md", table)
     written["tables"] = [out / "ablation.csv", out / "ablation.md"]
+    rows = comparison_rows(jobs)
+    written["comparison"] = plot_comparison(rows, variants, vae, out / "comparison")
+    write_comparison_csv(rows, out / "comparison.csv")
+    comparison = comparison_markdown(rows)
+    atomic_write_text(out / "comparison.md", comparison)
+    written["tables"] += [out / "comparison.csv", out / "comparison.md"]
     if len({pivot_guidance(j) for j in jobs if j["method"] == "null_text"}) > 1:
         written["pivot_guidance"] = plot_pivot_guidance(jobs, out / "pivot_guidance")
     if wandb_project:
         log_to_wandb(jobs, sweep_dir, wandb_project)
     print(table)
+    print(comparison)
     return written
 
 

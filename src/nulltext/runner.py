@@ -3,7 +3,19 @@
 ``trainer.test`` drives it (Lightning's test loop runs under ``torch.no_grad``; inversion needs
 gradients, so ``test_step`` re-enables them and the Trainer must be built with
 ``inference_mode=False``). Per image it writes a PNG (input | VAE | reconstruction) and an
-inversion artifact, logs PSNR/LPIPS, and at the end writes ``metrics.json`` atomically.
+inversion artifact, logs PSNR/LPIPS/SSIM, and at the end writes ``metrics.json`` atomically.
+
+Cost per image, measured (:mod:`nulltext.cost`), never computed from a formula:
+
+- ``seconds``: wall time of the method's ``invert`` over the batch / batch size, without the
+  evaluations made for the method's own curve;
+- ``inversion_unet_evaluations`` / ``reconstruction_unet_evaluations``: UNet rows counted by a hook
+  on the UNet during ``invert`` (curve evaluations excluded) and during the reconstruction, divided
+  by the batch size. A batch of B rows is B evaluations, guidance's [uncond; cond] batch 2 per
+  image. When a method drops finished images from its batch (null-text's early stop) the count of
+  a batch of several images is their mean; with ``data.batch_size=1`` it is the image's own;
+- ``peak_memory_mib``: peak memory of the batch's ``invert`` (:class:`nulltext.cost.PeakMemory`:
+  CUDA tensor memory, or the process's peak RSS on CPU; ``peak_memory`` in metrics.json says which).
 """
 
 from __future__ import annotations
@@ -21,14 +33,26 @@ import torch
 from PIL import Image
 
 from nulltext.artifacts import save_artifact
+from nulltext.cost import PeakMemory, UNetCounter, peak_memory_definition
 from nulltext.diffusion import Diffusion
 from nulltext.io import atomic_write, atomic_write_json
 from nulltext.methods import Inversion, InversionMethod, image_seed
-from nulltext.metrics import load_lpips, psnr_per_image, score_uint8
+from nulltext.metrics import SSIM_SPEC, ImageScores, load_lpips, psnr_per_image, score_uint8
 from nulltext.provenance import provenance
 from nulltext.reconstruction import Reconstruction, latent_errors, reconstruct, to_uint8
 
 log = logging.getLogger(__name__)
+
+
+# Per-image values whose mean over the run's images metrics.json records as ``<key>_mean``.
+MEAN_KEYS = (
+    "psnr", "lpips", "ssim", "vae_psnr", "seconds", "iterations",
+    "inversion_unet_evaluations", "reconstruction_unet_evaluations", "peak_memory_mib",
+)
+UNET_EVALUATIONS = (
+    "UNet batch rows per image, counted by a hook on the UNet (guidance's [uncond; cond] call = 2), "
+    "during the inversion (its curve evaluations excluded) and during the reconstruction"
+)
 
 
 def image_row(*images: torch.Tensor) -> Image.Image:
@@ -47,6 +71,17 @@ def standard_normal_log_likelihood(z: torch.Tensor) -> float:
 
 def mean_or_nan(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def mean_of(results: list[dict], key: str) -> float:
+    """Mean of ``key`` over the results that have a value for it (NaN if none do)."""
+    return mean_or_nan([r[key] for r in results if r.get(key) is not None])
+
+
+def per_image(count: int, batch_size: int) -> int | float:
+    """A batch's count shared out per image, as an int when it divides evenly."""
+    share = count / batch_size
+    return int(share) if share.is_integer() else share
 
 
 class InversionModule(L.LightningModule):
@@ -144,26 +179,31 @@ class InversionModule(L.LightningModule):
         curves: list[list[dict]] = [[] for _ in ids]
         evaluation_seconds = 0.0
 
-        def evaluate(inversion: Inversion, seconds: float) -> tuple[torch.Tensor, torch.Tensor, Reconstruction]:
+        def evaluate(inversion: Inversion, seconds: float) -> tuple[ImageScores, Reconstruction]:
             """Reconstruct and score; every evaluation is also a point of the image's curve."""
             recon = reconstruct(self.diffusion, inversion)
-            psnr, lpips = score_uint8(self.lpips, recon.images, images)
+            scores = score_uint8(self.lpips, recon.images, images)
             for b, curve in enumerate(curves):
-                curve.append({"iterations": inversion.iterations[b], "seconds": seconds, "psnr": psnr[b].item(), "lpips": lpips[b].item()})
-            return psnr, lpips, recon
+                point = {name: value[b].item() for name, value in scores._asdict().items()}
+                curve.append({"iterations": inversion.iterations[b], "seconds": seconds, **point})
+            return scores, recon
 
         def monitor(inversion: Inversion) -> None:
-            # Evaluation time is kept off the curve's time axis: it measures optimisation only.
+            # Evaluations are kept off the curve's time axis and the UNet count: they measure the method only.
             nonlocal evaluation_seconds
             began = time.perf_counter()
-            evaluate(inversion, (began - start - evaluation_seconds) / len(ids))
+            with inversion_calls.paused():
+                evaluate(inversion, (began - start - evaluation_seconds) / len(ids))
             evaluation_seconds += time.perf_counter() - began
 
-        start = time.perf_counter()
-        with torch.enable_grad():
-            inversion = self.method.invert(self.diffusion, z0, captions, seeds, monitor=monitor)
-        seconds = (time.perf_counter() - start - evaluation_seconds) / len(ids)
-        psnr, lpips, recon = evaluate(inversion, seconds)
+        with UNetCounter(self.diffusion.unet) as inversion_calls, PeakMemory(self.device) as memory:
+            start = time.perf_counter()
+            with torch.enable_grad():
+                inversion = self.method.invert(self.diffusion, z0, captions, seeds, monitor=monitor)
+            seconds = (time.perf_counter() - start - evaluation_seconds) / len(ids)
+        with UNetCounter(self.diffusion.unet) as reconstruction_calls:
+            scores, recon = evaluate(inversion, seconds)
+        psnr, lpips, ssim = scores
         vae_images = to_uint8(self.diffusion.decode(z0))
         as_float = lambda x: x.float() / 255  # noqa: E731
         vae_psnr = psnr_per_image(as_float(vae_images), target)
@@ -182,9 +222,13 @@ class InversionModule(L.LightningModule):
                 "inversion_prompt": inversion.prompts[b],
                 "psnr": psnr[b].item(),
                 "lpips": lpips[b].item(),
+                "ssim": ssim[b].item(),
                 "vae_psnr": vae_psnr[b].item(),
                 "iterations": inversion.iterations[b],
                 "seconds": seconds,
+                "inversion_unet_evaluations": per_image(inversion_calls.rows, len(ids)),
+                "reconstruction_unet_evaluations": per_image(reconstruction_calls.rows, len(ids)),
+                "peak_memory_mib": memory.mib,
                 **{k: v[b].item() for k, v in extra.items()},
             }
             if inversion.uncond is not None:
@@ -199,7 +243,7 @@ class InversionModule(L.LightningModule):
             save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b], result))
             self.results.append(result)
             self.log_image(result, images[b], recon.images[b])
-        for key, values in {"psnr": psnr, "lpips": lpips, "vae_psnr": vae_psnr, **extra}.items():
+        for key, values in {"psnr": psnr, "lpips": lpips, "ssim": ssim, "vae_psnr": vae_psnr, **extra}.items():
             self.log(f"test/{key}", values.mean(), batch_size=len(ids), on_epoch=True, sync_dist=True)
         self.log("test/seconds", seconds, batch_size=len(ids), on_epoch=True, sync_dist=True)
 
@@ -239,11 +283,10 @@ class InversionModule(L.LightningModule):
             "method": self.method.name,
             **self.record,
             "lpips": self.lpips_spec,
-            "psnr_mean": mean_or_nan([r["psnr"] for r in ok]),
-            "lpips_mean": mean_or_nan([r["lpips"] for r in ok]),
-            "vae_psnr_mean": mean_or_nan([r["vae_psnr"] for r in ok]),
-            "seconds_mean": mean_or_nan([r["seconds"] for r in ok]),
-            "iterations_mean": mean_or_nan([r["iterations"] for r in ok]),
+            "ssim": SSIM_SPEC,
+            "unet_evaluations": UNET_EVALUATIONS,
+            "peak_memory": peak_memory_definition(self.device),
+            **{f"{key}_mean": mean_of(ok, key) for key in MEAN_KEYS},
             "num_images": len(ok),
             "num_failed": len(self.results) - len(ok),
             "images": self.results,
