@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from nulltext.errors import ModelUnavailableError
 from nulltext.models import load_pipeline
 
-__all__ = ["pocket_path", "load_pocket"]
+__all__ = ["pocket_path", "pocket_folder", "load_pocket"]
 
 
 def pocket_path() -> str:
@@ -27,12 +27,17 @@ def pocket_path() -> str:
     return str(Path(__file__).resolve().parents[2] / "models" / "pocket")
 
 
-def load_pocket(path: str | None = None) -> StableDiffusionPipeline:
-    """Load pocket (frozen, float32) with :func:`nulltext.models.load_pipeline`."""
+def pocket_folder(path: str | None = None) -> Path:
+    """The pocket model's folder (``path``, else :func:`pocket_path`); a one-line error when it is not there."""
     folder = Path(path).expanduser() if path else Path(pocket_path())
     if not (folder / "model_index.json").exists():
         raise ModelUnavailableError(
             f"the pocket model is not at {folder}: train it with `python scripts/train_pocket_model.py` "
             "(GPU) or `--config-name train_pocket_cpu` (CPU stand-in), or set NULLTEXT_POCKET"
         )
-    return load_pipeline(str(folder))
+    return folder
+
+
+def load_pocket(path: str | None = None) -> StableDiffusionPipeline:
+    """Load pocket (frozen, float32) with :func:`nulltext.models.load_pipeline`."""
+    return load_pipeline(str(pocket_folder(path)))

@@ -8,7 +8,8 @@
     nulltext attention artifact=... [prompt="a photo of a cat"]
 
 The task functions :func:`run_edit` and :func:`run_attention` take a composed config and are what
-tests call. Heavy imports happen inside them, so ``nulltext.cli`` stays cheap to import.
+tests call; each first checks every setting (:func:`check_edit`, :func:`check_attention`) before
+any model loads. Heavy imports happen inside them, so ``nulltext.cli`` stays cheap to import.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from nulltext.validation import SettingError, check_choice, check_int, check_text
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
@@ -32,6 +35,83 @@ SETTING_KEYS = (
     "self_replace_max_tokens",
     "strength",
 )
+
+
+def _optional(check, name: str, value, *args):
+    return None if value is None else check(name, value, *args)
+
+
+def check_common(cfg: DictConfig) -> None:
+    """Settings every editing app has: mandatory values given, device, seed, LPIPS net, footprint threshold."""
+    from nulltext.metrics import LPIPS_NETS
+    from nulltext.models import resolve_device
+    from nulltext.validation import check_given, check_probability, check_seed
+
+    check_given(cfg)
+    resolve_device(cfg.get("device"))
+    for key, check, args in (("seed", check_seed, ()), ("lpips_net", check_choice, (LPIPS_NETS,)), ("footprint_threshold", check_probability, ())):
+        if key in cfg:
+            check(key, cfg[key], *args)
+
+
+def method_options(value, name: str = "method_options") -> dict:
+    """A ``method_options`` setting as a plain dict (null -> {})."""
+    options = _plain(value)
+    if options is not None and not isinstance(options, dict):
+        raise SettingError(f"{name}={options!r} is not allowed: null or {{option: value}}")
+    return options or {}
+
+
+def check_methods(cfg: DictConfig, options: dict[str, dict]) -> dict:
+    """The inversion methods (name -> options) built (their constructors check the options) and the
+    sampler settings of ``cfg.diffusion`` checked against ``cfg.model``'s config, before any model loads."""
+    from nulltext.diffusion import check_sampler_config
+    from nulltext.methods import make_method
+    from nulltext.models import model_shape
+
+    shape = model_shape(cfg.model)
+    check_sampler_config(cfg.diffusion, shape.num_train_timesteps if shape else 1000)
+    return {name: make_method(check_text("method", name), **opts) for name, opts in options.items()}
+
+
+def check_edit(cfg: DictConfig) -> tuple[list[str], "EditSettings"]:
+    """``nulltext edit``'s settings (before any model loads): the source, prompts, edit settings, method."""
+    from nulltext.editing.edit import EditSettings
+    from nulltext.editing.errors import EditError
+
+    check_common(cfg)
+    for key in ("artifact", "image", "mask", "clip_model"):
+        _optional(check_text, key, cfg.get(key))
+    prompts = None if OmegaConf.is_missing(cfg, "prompts") else _plain(cfg.prompts)
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not prompts or not isinstance(prompts, list):
+        raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
+    for prompt in prompts:
+        check_text("prompts", prompt)
+    settings = EditSettings.from_dict({k: _plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
+    if not cfg.get("artifact"):
+        if not (cfg.get("image") and cfg.get("caption")):
+            raise EditError("give artifact=<run>/inversions/<id>.safetensors, or image=<file> caption=<text> to invert first")
+        check_text("caption", cfg.caption)
+        check_methods(cfg, {cfg.method: method_options(cfg.get("method_options"))})
+    return prompts, settings
+
+
+def check_attention(cfg: DictConfig) -> None:
+    """``nulltext attention``'s settings (before any model loads)."""
+    from nulltext.editing.attention import PLACES
+
+    check_common(cfg)
+    check_text("artifact", cfg.artifact)
+    _optional(check_text, "prompt", cfg.prompt)
+    _optional(check_int, "resolution", cfg.resolution, 1)
+    places = _plain(cfg.places)
+    if not isinstance(places, list) or not places:
+        raise SettingError(f"places={places!r} is not allowed: a non-empty list of {', '.join(PLACES)}")
+    for place in places:
+        check_choice("places", place, PLACES)
+    check_int("tile_size", cfg.tile_size, 1, 4096)
+    check_int("columns", cfg.columns, 1)
 
 
 def _plain(value):
@@ -107,20 +187,15 @@ def _load_source(cfg: DictConfig, output_dir: Path):
 
 def run_edit(cfg: DictConfig) -> dict:
     """Edit one inverted image; writes grid.png, reconstruction.png, edits/, masks/, metrics.json, settings.json."""
-    from nulltext.editing.edit import EditSettings, edit
-    from nulltext.editing.errors import EditError
+    from nulltext.editing.edit import edit
     from nulltext.editing.metrics import edit_metrics, load_mask
     from nulltext.editing.visual import enlarge, grid, slug, to_pil
     from nulltext.io import atomic_write_json
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
 
+    prompts, settings = check_edit(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    prompts = None if OmegaConf.is_missing(cfg, "prompts") else _plain(cfg.prompts)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-    if not prompts:
-        raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
-    settings = EditSettings.from_dict({k: _plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
     diffusion, inversion, record, image, source = _load_source(cfg, output_dir)
     out = edit(diffusion, inversion, prompts, settings)
 
@@ -194,16 +269,14 @@ def run_attention(cfg: DictConfig) -> Path:
     from nulltext.artifacts import load_artifact
     from nulltext.editing.attention import AttentionStore
     from nulltext.editing.edit import edit
-    from nulltext.editing.errors import EditError
     from nulltext.editing.tokens import token_texts
     from nulltext.editing.visual import attention_tile, grid, to_pil
     from nulltext.io import atomic_write, atomic_write_json
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
 
+    check_attention(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if OmegaConf.is_missing(cfg, "artifact") or not cfg.artifact:
-        raise EditError("give artifact=<run>/inversions/<id>.safetensors")
     inversion, record = load_artifact(cfg.artifact)
     diffusion = _diffusion_from_record(record, _device(cfg))
     source_prompt = inversion.prompts[0]
