@@ -8,6 +8,7 @@ one ``nulltext: error:`` line and exit status 2, never a traceback.
 
 import contextlib
 import io
+import json
 import math
 from pathlib import Path
 
@@ -42,6 +43,23 @@ SKIPPED = ("hydra", "paths", "model", "logger", "task_name", "ablation", "traine
 BAD = ["0", "-1", "-1000000", "1000000000000", "nan", "inf", "-inf", "abc", "''", "no_such_name", "null", "[]", "true", "1.5", "[abc]", "[-1,nan]"]
 
 
+# The data configs that need files: a one-photo folder and a one-image COCO beside it (tmp folder).
+DATA_FOLDERS = {"folder": {"data.dataset.path": "photos"}, "coco": {"data.dataset.root": "coco", "data.dataset.num_images": 1}}
+
+
+def make_data_folders(folder: Path) -> None:
+    photos, coco = folder / "photos", folder / "coco"
+    (coco / "val2017").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    photos.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photos / "red.png")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(coco / "val2017" / "000000000001.jpg")
+    (photos / "captions.csv").write_text("image,caption\nred.png,a red square\n")
+    (coco / "annotations" / "captions_val2017.json").write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "000000000001.jpg"}], "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"}]})
+    )
+
+
 def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -65,19 +83,24 @@ def leaf_settings(cfg) -> dict:
 
 
 def override_value(default):
-    """Hydra override text drawn for a setting whose default is ``default``: the bad values of every
-    kind (zero, negative, huge, nan, inf, wrong type, empty, unknown name) plus values of its own type."""
+    """Hydra override text drawn for a setting whose default is ``default``: a usual value of its type,
+    one of the bad values of every kind (zero, negative, huge, nan, inf, wrong type, empty, unknown
+    name), or any value of its type."""
     if isinstance(default, bool):
-        own = st.sampled_from(["true", "false"])
+        usual = wild = st.sampled_from(["true", "false"])
     elif isinstance(default, int):
-        own = st.integers(-5, 10**6).map(str)
+        usual, wild = st.integers(1, 64).map(str), st.integers(-(2**40), 2**40).map(str)
     elif isinstance(default, float):
-        own = st.floats(allow_nan=True, allow_infinity=True).map(lambda x: "nan" if math.isnan(x) else repr(x))
+        usual = st.floats(0.0, 1.0).map(repr)
+        wild = st.floats(allow_nan=True, allow_infinity=True).map(lambda x: "nan" if math.isnan(x) else repr(x))
     elif isinstance(default, list):
-        own = st.lists(st.sampled_from(["0", "1.0", "abc", "''", "nan"]), max_size=3).map(lambda xs: f"[{','.join(xs)}]")
-    else:
-        own = st.sampled_from(["''", "no_such_name", "'two words'"])
-    return st.one_of(st.sampled_from(BAD), own)
+        usual = st.just(f"[{','.join(map(str, default))}]")
+        wild = st.lists(st.sampled_from(["0", "1.0", "abc", "''", "nan"]), max_size=3).map(lambda xs: f"[{','.join(xs)}]")
+    elif isinstance(default, str):
+        usual, wild = st.just(f"'{default}'"), st.sampled_from(["''", "no_such_name", "'two words'"])
+    else:  # null: the feature is off by default
+        usual, wild = st.just("null"), st.sampled_from(["''", "no_such_name", "1"])
+    return st.one_of(usual, st.sampled_from(BAD), wild)
 
 
 def setting_fields(folder: Path) -> dict:
@@ -105,9 +128,9 @@ def examples(draw, folder: Path, fields: dict):
             option = draw(st.sampled_from(options(group)))
             overrides.append(f"{group}={option}")
             candidates.update(fields[app, group, option])
-            if group == "data" and option == "folder":
-                overrides.append(f"data.dataset.path={folder}")
-    for key in draw(st.lists(st.sampled_from(sorted(candidates)), min_size=1, max_size=3, unique=True)):
+            if group == "data" and option in DATA_FOLDERS:
+                overrides += [f"{key}={folder / value}" if key.endswith(("path", "root")) else f"{key}={value}" for key, value in DATA_FOLDERS[option].items()]
+    for key in draw(st.lists(st.sampled_from(sorted(candidates)), min_size=1, max_size=2, unique=True)):
         overrides.append(f"{key}={draw(override_value(candidates[key]))}")
     return app, overrides
 
@@ -126,14 +149,12 @@ def run_check(app: str, overrides: list[str], output_dir: Path) -> tuple[str, st
 
 
 def test_random_bad_settings_start_or_give_one_error_line(tmp_path, capsys):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "red.png")
-    (folder / "captions.csv").write_text("image,caption\nred.png,a red square\n")
+    folder = tmp_path / "data"
+    make_data_folders(folder)
     fields = setting_fields(folder)
     tried = []
 
-    @settings(max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(examples(folder, fields))
     def check(example):
         app, overrides = example
@@ -154,7 +175,7 @@ def test_random_bad_settings_start_or_give_one_error_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["diffusion.num_inference_steps=0", "data.limit=1"], "diffusion.num_inference_steps=0 is not allowed: an integer >= 1 and <= 1000"),
+        (["diffusion.num_inference_steps=0", "data.limit=1"], "diffusion.num_inference_steps=0 is not allowed: an integer >= 1 and <= 999"),
         (["inversion.learning_rate=nan"], "inversion.learning_rate=nan is not allowed: a finite number > 0"),
         (["data.resolution=7"], "data.resolution=7 is not allowed: a multiple of 4"),
         (["seed=-5"], "seed=-5 is not allowed: an integer >= 0 and <= 4294967295"),
@@ -192,7 +213,7 @@ def test_model_shape_comes_from_config_files_and_matches_the_loaded_model(tiny_p
     from nulltext.pocket import load_pocket
 
     tiny = OmegaConf.load(CONF / "model" / "tiny.yaml")
-    assert model_shape(tiny) == pipeline_shape(tiny_pipe) == ModelShape(vae_factor=4, resolution=64, num_train_timesteps=1000)
+    assert model_shape(tiny) == pipeline_shape(tiny_pipe) == ModelShape(vae_factor=4, resolution=64, max_steps=999)
     pocket = OmegaConf.load(CONF / "model" / "pocket.yaml")
     assert model_shape(pocket) == pipeline_shape(load_pocket())
     assert check_multiple("data.resolution", 64, 4) == 64

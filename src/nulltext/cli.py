@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from nulltext.editing.benchmark import check_edit_bench
 from nulltext.editing.cli import attention_app, check_attention, check_edit, edit_app, edit_bench_app
 from nulltext.errors import NulltextError
 from nulltext.validation import SettingError, check_choice, check_given, check_int, check_multiple, check_seed, check_text
@@ -94,6 +95,8 @@ def check_trainer(trainer: DictConfig) -> None:
     check_choice("trainer.strategy", strategy, ("auto", *StrategyRegistry.available_strategies()))
     precisions = [value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal)]
     check_choice("trainer.precision", trainer.get("precision", "32-true"), precisions)
+    if trainer.get("inference_mode", True) is not False:
+        raise SettingError(f"trainer.inference_mode={trainer.get('inference_mode')!r} is not allowed: false (inversion needs gradients)")
 
 
 def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
@@ -117,7 +120,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     if shape is None:
         pipe = instantiate(cfg.model)
         shape = pipeline_shape(pipe)
-    check_sampler_config(cfg.diffusion, shape.num_train_timesteps)
+    check_sampler_config(cfg.diffusion, shape.max_steps)
     method = instantiate(cfg.inversion)
     resolution = cfg.data.get("resolution")
     resolution = check_multiple("data.resolution", shape.resolution if resolution is None else resolution, shape.vae_factor)
@@ -199,12 +202,6 @@ class SummaryTable(Callback):
             print(format_table(rows))
 
 
-def _check_edit_bench(cfg: DictConfig):
-    from nulltext.editing.benchmark import check_edit_bench  # late: it imports torch-heavy modules
-
-    return check_edit_bench(cfg)
-
-
 # The settings check of each app (config name -> function of the composed config): the first step of
 # its task function, so that the command line and tests run the same checks.
 SETTING_CHECKS = {
@@ -212,7 +209,7 @@ SETTING_CHECKS = {
     "reconstruct": check_reconstruction,
     "edit": check_edit,
     "attention": check_attention,
-    "edit_bench": _check_edit_bench,
+    "edit_bench": check_edit_bench,
 }
 
 

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
 from nulltext.ddim import DDIMSchedule
+from nulltext.models import pipeline_shape
 from nulltext.validation import check_choice, check_float, check_int
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class Diffusion:
         inversion_timestep: InversionTimestep = "target",
     ):
         num_inference_steps, guidance_scale, inversion_timestep = self.check_settings(
-            num_inference_steps, guidance_scale, inversion_timestep, pipe.scheduler.config.num_train_timesteps
+            num_inference_steps, guidance_scale, inversion_timestep, pipeline_shape(pipe).max_steps
         )
         self.pipe = pipe
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -56,16 +57,17 @@ class Diffusion:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         inversion_timestep: InversionTimestep = "target",
-        num_train_timesteps: int = 1000,
+        max_steps: int = 999,
     ) -> tuple[int, float, InversionTimestep]:
         """The sampler's settings checked (:class:`~nulltext.validation.SettingError`), before any model loads.
 
-        Steps are 1 .. the model's training timesteps (a DDIM step spans at least one of them); any
+        Steps are 1 .. ``max_steps``: the model's training timesteps less the first one's offset (999
+        on SD, whose timesteps start at 1: a DDIM step spans at least one training timestep). Any
         finite guidance scale is allowed (0 = unconditional, 1 = conditional only, < 0 = negative
         guidance).
         """
         return (
-            check_int("diffusion.num_inference_steps", num_inference_steps, 1, num_train_timesteps),
+            check_int("diffusion.num_inference_steps", num_inference_steps, 1, max_steps),
             check_float("diffusion.guidance_scale", guidance_scale),
             check_choice("diffusion.inversion_timestep", inversion_timestep, ("target", "source")),
         )
@@ -153,9 +155,9 @@ class Diffusion:
         return torch.stack(latents, dim=1)
 
 
-def check_sampler_config(config: Mapping[str, Any], num_train_timesteps: int) -> None:
+def check_sampler_config(config: Mapping[str, Any], max_steps: int) -> None:
     """A ``diffusion`` config node's settings, checked before the model loads (the constructor checks again)."""
-    Diffusion.check_settings(**{k: v for k, v in config.items() if not k.startswith("_")}, num_train_timesteps=num_train_timesteps)
+    Diffusion.check_settings(**{k: v for k, v in config.items() if not k.startswith("_")}, max_steps=max_steps)
 
 
 def guide(out_uncond: Tensor, out_cond: Tensor, guidance_scale: float) -> Tensor:

@@ -183,13 +183,14 @@ class ModelShape:
 
     vae_factor: int  # the VAE's downsampling: image sides must be multiples of it
     resolution: int  # the image side it was trained at (latent side times vae_factor)
-    num_train_timesteps: int  # the most sampling steps
+    max_steps: int  # the most sampling steps: training timesteps less the offset of the first one
 
 
 def _shape(unet: Mapping[str, Any], vae: Mapping[str, Any], scheduler: Mapping[str, Any]) -> ModelShape:
     # diffusers' rule (StableDiffusionPipeline.vae_scale_factor): one halving per VAE level but the last.
     factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
-    return ModelShape(factor, int(unet.get("sample_size") or 64) * factor, int(scheduler.get("num_train_timesteps", 1000)))
+    max_steps = int(scheduler.get("num_train_timesteps", 1000)) - int(scheduler.get("steps_offset", 0))
+    return ModelShape(factor, int(unet.get("sample_size") or 64) * factor, max_steps)
 
 
 def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
@@ -234,4 +235,5 @@ def _folder_shape(path: str, revision: str | None) -> ModelShape:
 
 def pipeline_shape(pipe: StableDiffusionPipeline) -> ModelShape:
     """The :class:`ModelShape` of a loaded pipeline."""
-    return ModelShape(pipe.vae_scale_factor, pipeline_resolution(pipe), pipe.scheduler.config.num_train_timesteps)
+    config = pipe.scheduler.config
+    return ModelShape(pipe.vae_scale_factor, pipeline_resolution(pipe), config.num_train_timesteps - config.get("steps_offset", 0))

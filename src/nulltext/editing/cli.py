@@ -70,7 +70,7 @@ def check_methods(cfg: DictConfig, options: dict[str, dict]) -> dict:
     from nulltext.models import model_shape
 
     shape = model_shape(cfg.model)
-    check_sampler_config(cfg.diffusion, shape.num_train_timesteps if shape else 1000)
+    check_sampler_config(cfg.diffusion, shape.max_steps if shape else 999)
     return {name: make_method(check_text("method", name), **opts) for name, opts in options.items()}
 
 
