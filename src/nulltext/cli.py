@@ -146,7 +146,7 @@ def run_inversion(cfg: DictConfig) -> dict:
     run = prepare_inversion(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    pipe = run.pipe or instantiate(cfg.model)
+    pipe = run.pipe if run.pipe is not None else instantiate(cfg.model)
     diffusion = instantiate(cfg.diffusion, pipe=pipe)
     method, datamodule, resolution, loggers, trainer = run.method, run.datamodule, run.resolution, run.loggers, run.trainer
     record = {
