@@ -154,7 +154,7 @@ def test_random_bad_settings_start_or_give_one_error_line(tmp_path, capsys):
     fields = setting_fields(folder)
     tried = []
 
-    @settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(examples(folder, fields))
     def check(example):
         app, overrides = example
