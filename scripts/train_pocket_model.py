@@ -59,6 +59,8 @@ if str(ROOT / "src") not in sys.path:
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+from nulltext.apps import report_errors  # noqa: E402
+from nulltext.validation import SettingError  # noqa: E402
 from nulltext.models import CLIP_CONTEXT_LENGTH, SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, resolve_device  # noqa: E402
 from nulltext.scenes import LayoutTokenizer, render_layout, sample_layout  # noqa: E402
 
@@ -273,7 +275,7 @@ class Trainer:
         self.init_info: dict | None = None
         self.vae_source: Path | None = None
         if cfg.get("init_from") and cfg.get("vae_from"):
-            raise ValueError("give init_from or vae_from, not both: init_from already carries its autoencoder")
+            raise SettingError("give init_from or vae_from, not both: init_from already carries its autoencoder")
         if cfg.get("init_from"):
             self.load_pretrained(resolve_path(cfg.init_from))
         elif cfg.get("vae_from"):
@@ -395,7 +397,7 @@ class Trainer:
         plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
         differ = {k: (plain(v), plain(vae.config[k])) for k, v in wanted.items() if plain(v) != plain(vae.config[k])}
         if differ:
-            raise ValueError(f"vae_from={folder}: its architecture differs from model.vae ({differ}); use the config it was trained with")
+            raise SettingError(f"vae_from={folder}: its architecture differs from model.vae ({differ}); use the config it was trained with")
         self.models["vae"].load_state_dict(vae.state_dict())
         self.scaling_factor = float(vae.config.scaling_factor)
         self.vae_source = source
@@ -617,8 +619,50 @@ def compact_tokenizer(folder: Path) -> None:
     (folder / "tokenizer.json").unlink(missing_ok=True)
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Every setting of the recipe, checked before any model is built (one SettingError line each)."""
+    from nulltext.validation import (
+        check_bool, check_choice, check_float, check_int, check_multiple, check_positive, check_probability, check_seed,
+    )
+
+    v, u = cfg.vae_train, cfg.unet_train
+    check_seed("seed", cfg.seed)
+    resolve_device(cfg.device, "device")
+    for name in ("bf16", "resume", "finish_on_budget"):
+        check_bool(name, cfg.get(name, False))
+    if cfg.threads is not None:
+        check_int("threads", cfg.threads, 1)
+    check_multiple("resolution", cfg.resolution, 2 ** (len(cfg.model.vae.block_out_channels) - 1))
+    if cfg.max_minutes is not None:
+        check_positive("max_minutes", cfg.max_minutes)
+    check_int("checkpoint_every", cfg.checkpoint_every, 0)  # 0: only when stopping
+    check_int("log_every", cfg.log_every, 1)
+    check_choice("save_dtype", cfg.save_dtype, ("float16", "float32"))
+    for phase, section in (("vae_train", v), ("unet_train", u)):
+        check_int(f"{phase}.steps", section.steps, 0)  # 0 skips the phase
+        check_int(f"{phase}.batch_size", section.batch_size, 1)
+        check_float(f"{phase}.lr", section.lr, 0.0)  # 0 trains nothing: the exactness tests of init_from use it
+        check_int(f"{phase}.warmup", section.warmup, 0)
+        check_float(f"{phase}.weight_decay", section.weight_decay, 0.0)
+        check_positive(f"{phase}.grad_clip", section.grad_clip)
+    check_int("vae_train.decoder_steps", v.decoder_steps, 0)  # 0: no decoder fine-tune
+    check_positive("vae_train.decoder_lr", v.decoder_lr)
+    check_float("vae_train.kl_weight", v.kl_weight, 0.0)
+    check_float("vae_train.edge_weight", v.edge_weight, 0.0)
+    fractions = check_probability("vae_train.photo_fraction", v.photo_fraction) + check_probability("vae_train.noise_fraction", v.noise_fraction)
+    if fractions > 1:
+        raise SettingError(f"vae_train.photo_fraction + vae_train.noise_fraction = {fractions} is not allowed: at most 1 (the rest are scenes)")
+    check_int("vae_train.photo_source_resolution", v.photo_source_resolution, 1)
+    check_float("vae_train.photo_min_crop", v.photo_min_crop, 0.0, 1.0, strict_minimum=True)
+    check_float("unet_train.text_lr_scale", u.text_lr_scale, 0.0)
+    check_probability("unet_train.caption_dropout", u.caption_dropout)
+    check_probability("unet_train.ema_decay", u.ema_decay)
+    check_int("unet_train.scale_batches", u.scale_batches, 1)
+
+
 def train(cfg: DictConfig) -> Path | None:
     """Run (or continue) training; returns the exported folder, or None if stopped early."""
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if not cfg.resume:
@@ -640,7 +684,7 @@ def train(cfg: DictConfig) -> Path | None:
 
 @hydra.main(config_path="../conf", config_name="train_pocket", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    report_errors(train)(cfg)  # a bad setting: one line and exit status 2
 
 
 if __name__ == "__main__":

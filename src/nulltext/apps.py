@@ -1,6 +1,8 @@
 """What the Hydra apps share (``nulltext``, ``reconstruct``: :mod:`nulltext.cli`; ``edit``,
-``attention``, ``edit_bench``: :mod:`nulltext.editing.cli`): the config folder, plain values of
-config nodes, and user errors reported as one line."""
+``attention``, ``edit_bench``: :mod:`nulltext.editing.cli` and :mod:`nulltext.editing.benchmark`):
+the config folder, plain values of config nodes, the settings checks the editing apps have in
+common, and user errors reported as one line. Heavy imports stay inside the checks, so the command
+line starts fast."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nulltext.errors import user_error
+from nulltext.validation import SettingError, check_choice, check_text
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -41,3 +44,36 @@ def report_errors(task):
             sys.exit(2)
 
     return wrapped
+
+
+def check_common(cfg: DictConfig) -> None:
+    """Settings every editing app has: mandatory values given, device, seed, LPIPS net, footprint threshold."""
+    from nulltext.metrics import LPIPS_NETS
+    from nulltext.models import resolve_device
+    from nulltext.validation import check_given, check_probability, check_seed
+
+    check_given(cfg)
+    resolve_device(cfg.get("device"))
+    for key, check, args in (("seed", check_seed, ()), ("lpips_net", check_choice, (LPIPS_NETS,)), ("footprint_threshold", check_probability, ())):
+        if key in cfg:
+            check(key, cfg[key], *args)
+
+
+def method_options(value, name: str = "method_options") -> dict:
+    """A ``method_options`` setting as a plain dict (null -> {})."""
+    options = plain(value)
+    if options is not None and not isinstance(options, dict):
+        raise SettingError(f"{name}={options!r} is not allowed: null or {{option: value}}")
+    return options or {}
+
+
+def check_methods(cfg: DictConfig, options: dict[str, dict]) -> dict:
+    """The inversion methods (name -> options) built (their constructors check the options) and the
+    sampler settings of ``cfg.diffusion`` checked against ``cfg.model``'s config, before any model loads."""
+    from nulltext.diffusion import check_sampler_config
+    from nulltext.methods import make_method
+    from nulltext.models import model_shape
+
+    shape = model_shape(cfg.model)
+    check_sampler_config(cfg.diffusion, shape.max_steps if shape else 999)
+    return {name: make_method(check_text("method", name), **opts) for name, opts in options.items()}

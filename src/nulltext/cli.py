@@ -3,7 +3,9 @@
 ``nulltext edit_bench`` (:mod:`nulltext.editing.cli`).
 
 Both are Hydra apps over the configs in ``conf/``. The task functions (:func:`run_inversion`,
-:func:`run_reconstruction`) take a composed config and are what tests call.
+:func:`run_reconstruction`) take a composed config and are what tests call. Each task first checks
+every setting (:data:`SETTING_CHECKS`: one per app, the same code the run goes on with), so bad
+input stops it with one line before any model loads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import logging
 import math
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nulltext.apps import CONFIG_DIR, report_errors
-from nulltext.editing.cli import attention_app, edit_app, edit_bench_app
+from nulltext.editing.benchmark import check_edit_bench
+from nulltext.editing.cli import attention_app, check_attention, check_edit, edit_app, edit_bench_app
 from nulltext.errors import NulltextError
+from nulltext.validation import SettingError, check_choice, check_given, check_int, check_multiple, check_seed, check_text
 
 log = logging.getLogger("nulltext")
 
@@ -59,18 +65,89 @@ def choice(group: str) -> str | None:
     return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
 
 
+@dataclass
+class PreparedInversion:
+    """What :func:`prepare_inversion` checked and built: everything of a run but the model's weights."""
+
+    method: Any
+    datamodule: Any
+    resolution: int
+    loggers: list
+    trainer: L.Trainer
+    pipe: Any = None  # already loaded only for a model constructor whose shape its config does not tell
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """Lightning's accelerator, devices, strategy and precision names (Lightning would raise a traceback)."""
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    check_choice("trainer.accelerator", trainer.get("accelerator", "auto"), ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())))
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, typing.Sequence) and not isinstance(devices, str):
+        for index in devices:
+            check_int("trainer.devices", index, 0)
+    elif devices not in ("auto", -1):
+        check_int("trainer.devices", devices, 1, 1024)
+    strategy = trainer.get("strategy", "auto")
+    check_choice("trainer.strategy", strategy, ("auto", *StrategyRegistry.available_strategies()))
+    precisions = [value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal)]
+    check_choice("trainer.precision", trainer.get("precision", "32-true"), precisions)
+    if trainer.get("inference_mode", True) is not False:
+        raise SettingError(f"trainer.inference_mode={trainer.get('inference_mode')!r} is not allowed: false (inversion needs gradients)")
+
+
+def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
+    """Check every setting of ``nulltext`` and build what needs no model weights (the first step of :func:`run_inversion`).
+
+    Seed and LPIPS net; the model's shape from its config files (:func:`nulltext.models.model_shape`);
+    the sampler's settings against it; the method (its constructor checks its settings); the image
+    resolution (a multiple of the model's VAE factor); the data module (its dataset's settings and
+    files); the loggers and the trainer. Any bad value raises a NulltextError (one line).
+    """
+    from nulltext.diffusion import check_sampler_config
+    from nulltext.metrics import LPIPS_NETS
+    from nulltext.models import model_shape, pipeline_shape
+
+    check_given(cfg)
+    check_seed("seed", cfg.seed)
+    check_choice("lpips_net", cfg.lpips_net, LPIPS_NETS)
+    check_text("task_name", cfg.task_name)
+    pipe = None
+    shape = model_shape(cfg.model)
+    if shape is None:
+        pipe = instantiate(cfg.model)
+        shape = pipeline_shape(pipe)
+    check_sampler_config(cfg.diffusion, shape.max_steps)
+    method = instantiate(cfg.inversion)
+    resolution = cfg.data.get("resolution")
+    resolution = check_multiple("data.resolution", shape.resolution if resolution is None else resolution, shape.vae_factor)
+    datamodule = instantiate(cfg.data, resolution=resolution)
+    check_trainer(cfg.trainer)
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    try:
+        trainer = instantiate(cfg.trainer, logger=loggers or False)
+    except Exception as error:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        # Lightning's own kind for settings this machine cannot run (e.g. accelerator=gpu without a GPU).
+        if not isinstance(error.__cause__, MisconfigurationException):
+            raise
+        raise SettingError(f"the trainer settings cannot run here: {' '.join(str(error.__cause__).split())}") from None
+    return PreparedInversion(method, datamodule, resolution, loggers, trainer, pipe)
+
+
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
-    from nulltext.models import pipeline_resolution
     from nulltext.runner import InversionModule
 
+    run = prepare_inversion(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    pipe = instantiate(cfg.model)
+    pipe = run.pipe if run.pipe is not None else instantiate(cfg.model)
     diffusion = instantiate(cfg.diffusion, pipe=pipe)
-    method = instantiate(cfg.inversion)
-    resolution = cfg.data.get("resolution") or pipeline_resolution(pipe)
-    datamodule = instantiate(cfg.data, resolution=resolution)
+    method, datamodule, resolution, loggers, trainer = run.method, run.datamodule, run.resolution, run.loggers, run.trainer
     record = {
         "model": choice("model") or str(cfg.model.get("path", cfg.model._target_)),
         "data": choice("data"),
@@ -80,8 +157,6 @@ def run_inversion(cfg: DictConfig) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     module = InversionModule(diffusion, method, output_dir, seed=cfg.seed, lpips_net=cfg.lpips_net, record=record)
-    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False)
     try:
         trainer.test(module, datamodule=datamodule, verbose=False)
     finally:
@@ -96,11 +171,18 @@ def run_inversion(cfg: DictConfig) -> dict:
     return metrics
 
 
+def check_reconstruction(cfg: DictConfig) -> None:
+    """``nulltext reconstruct``'s one setting: the artifact is given (its file is checked when it is read)."""
+    check_given(cfg)
+    check_text("artifact", cfg.artifact)
+
+
 def run_reconstruction(cfg: DictConfig) -> Path:
     """Rebuild the pipeline recorded in an artifact, re-sample, write ``<stem>.png`` in the run dir."""
     from nulltext.api import reconstruct_artifact
     from nulltext.runner import save_png
 
+    check_reconstruction(cfg)
     path = Path(cfg.paths.output_dir) / f"{Path(cfg.artifact).stem}.png"
     save_png(path, reconstruct_artifact(cfg.artifact))
     print(f"reconstruction: {path}")
@@ -117,6 +199,17 @@ class SummaryTable(Callback):
         rows = [json.loads(p.read_text()) for p in by_job]
         if rows:
             print(format_table(rows))
+
+
+# The settings check of each app (config name -> function of the composed config): the first step of
+# its task function, so that the command line and tests run the same checks.
+SETTING_CHECKS = {
+    "config": prepare_inversion,
+    "reconstruct": check_reconstruction,
+    "edit": check_edit,
+    "attention": check_attention,
+    "edit_bench": check_edit_bench,
+}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

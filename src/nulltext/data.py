@@ -45,6 +45,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from nulltext.errors import CaptionError, ImageError, NulltextError, UnknownNameError
+from nulltext.validation import SettingError, check_bool, check_int, check_seed
 
 __all__ = [
     "Crop",
@@ -258,22 +259,20 @@ def _is_int(value: Any) -> bool:
 
 
 def check_resolution(resolution: Any) -> int:
-    """An image side in pixels (a positive integer), for every dataset of the package."""
-    if not _is_int(resolution) or resolution < 1:
-        raise NulltextError(
-            f"resolution must be a positive integer number of pixels, got {resolution!r}: "
-            "pass the model's image size, e.g. resolution=512"
-        )
-    return int(resolution)
+    """An image side in pixels, >= 1 (whether the model can take it is checked where the model is known)."""
+    return check_int("data.resolution", resolution, 1)
 
 
 def check_limit(limit: Any) -> int | None:
-    """A dataset size limit: None (all) or an integer >= 0."""
-    if limit is None:
-        return None
-    if not _is_int(limit) or limit < 0:
-        raise NulltextError(f"limit must be null or an integer >= 0, got {limit!r}")
-    return int(limit)
+    """null (every item) or the number of first items to keep, >= 1."""
+    return None if limit is None else check_int("data.limit", limit, 1)
+
+
+def _setting_path(name: str, value: Any) -> Path:
+    """A file or folder setting: a non-empty path (a number or a list is a mistyped value)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise SettingError(f"{name}={value!r} is not allowed: a file or folder path")
+    return Path(value).expanduser()
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +455,8 @@ class SampleImages(_CaptionedImages):
         else:
             if isinstance(names, str):
                 names = [names]
+            if not isinstance(names, Sequence) or not names:
+                raise SettingError(f"data.dataset.names={names!r} is not allowed: null (all) or a list of sample ids from {', '.join(SAMPLE_IDS)}")
             names = list(names)
             unknown = [n for n in names if n not in by_id]
             if unknown:
@@ -645,14 +646,15 @@ class FolderDataset(_CaptionedImages):
         crop: Crop | Sequence[int] | Mapping[str, int] | None = None,
         exif_transpose: bool = False,
     ) -> None:
-        folder = Path(path).expanduser()
+        folder = _setting_path("data.dataset.path", path)
+        exif_transpose = check_bool("data.dataset.exif_transpose", exif_transpose)
         if not folder.is_dir():
             what = "is not a folder" if folder.exists() else "not found"
             raise ImageError(
                 f"data folder {what}: {folder}: pass data.dataset.path=<folder with the images "
                 f"and {captions}>"
             )
-        file = Path(captions).expanduser()
+        file = _setting_path("data.dataset.captions", captions)
         if not file.is_absolute():
             file = folder / file
         reader = _CAPTION_READERS.get(file.suffix.lower())
@@ -730,21 +732,19 @@ class CocoDataset(_CaptionedImages):
         resolution: int,
         limit: int | None = None,
     ) -> None:
-        root_dir = Path(root).expanduser()
+        root_dir = _setting_path("data.dataset.root", root)
         if not root_dir.is_dir():
             raise NulltextError(f"COCO root not found: {root_dir}: {_COCO_HOWTO}")
-        ann_file = Path(annotations).expanduser()
+        ann_file = _setting_path("data.dataset.annotations", annotations)
         ann_file = ann_file if ann_file.is_absolute() else root_dir / ann_file
         if not ann_file.is_file():
             raise NulltextError(f"COCO caption annotations not found: {ann_file}: {_COCO_HOWTO}")
-        image_dir = Path(images).expanduser()
+        image_dir = _setting_path("data.dataset.images", images)
         image_dir = image_dir if image_dir.is_absolute() else root_dir / image_dir
         if not image_dir.is_dir():
             raise NulltextError(f"COCO image folder not found: {image_dir}: {_COCO_HOWTO}")
-        if not _is_int(num_images) or num_images < 0:
-            raise NulltextError(f"num_images must be an integer >= 0, got {num_images!r}")
-        if not _is_int(seed):
-            raise NulltextError(f"seed must be an integer, got {seed!r}")
+        num_images = check_int("data.dataset.num_images", num_images, 1)
+        seed = check_seed("data.dataset.seed", seed)
 
         try:
             with ann_file.open(encoding="utf-8") as handle:
@@ -853,10 +853,8 @@ class InversionDataModule(L.LightningDataModule):
         limit: int | None = None,
     ) -> None:
         super().__init__()
-        if not _is_int(batch_size) or batch_size < 1:
-            raise NulltextError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if not _is_int(num_workers) or num_workers < 0:
-            raise NulltextError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        batch_size = check_int("data.batch_size", batch_size, 1)
+        num_workers = check_int("data.num_workers", num_workers, 0)  # 0: load in the main process
         limit = check_limit(limit)
         if resolution is not None:
             resolution = check_resolution(resolution)

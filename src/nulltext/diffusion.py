@@ -9,13 +9,15 @@ classifier-free guidance with the unconditional half first, and DDIM in both dir
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
 from nulltext.ddim import DDIMSchedule
+from nulltext.models import pipeline_shape
+from nulltext.validation import check_choice, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,34 @@ class Diffusion:
         guidance_scale: float = 7.5,
         inversion_timestep: InversionTimestep = "target",
     ):
-        if inversion_timestep not in ("target", "source"):
-            raise ValueError(f"inversion_timestep must be 'target' or 'source', not {inversion_timestep!r}")
+        num_inference_steps, guidance_scale, inversion_timestep = self.check_settings(
+            num_inference_steps, guidance_scale, inversion_timestep, pipeline_shape(pipe).max_steps
+        )
         self.pipe = pipe
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.schedule = DDIMSchedule.from_scheduler_config(pipe.scheduler.config, num_inference_steps)
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = guidance_scale
         self.inversion_timestep = inversion_timestep
+
+    @staticmethod
+    def check_settings(
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        inversion_timestep: InversionTimestep = "target",
+        max_steps: int = 999,
+    ) -> tuple[int, float, InversionTimestep]:
+        """The sampler's settings checked (:class:`~nulltext.validation.SettingError`), before any model loads.
+
+        Steps are 1 .. ``max_steps``: the model's training timesteps less the first one's offset (999
+        on SD, whose timesteps start at 1: a DDIM step spans at least one training timestep). Any
+        finite guidance scale is allowed (0 = unconditional, 1 = conditional only, < 0 = negative
+        guidance).
+        """
+        return (
+            check_int("diffusion.num_inference_steps", num_inference_steps, 1, max_steps),
+            check_float("diffusion.guidance_scale", guidance_scale),
+            check_choice("diffusion.inversion_timestep", inversion_timestep, ("target", "source")),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +153,11 @@ class Diffusion:
             z = self.schedule.denoise_step(out, t, z)
             latents.append(z)
         return torch.stack(latents, dim=1)
+
+
+def check_sampler_config(config: Mapping[str, Any], max_steps: int) -> None:
+    """A ``diffusion`` config node's settings, checked before the model loads (the constructor checks again)."""
+    Diffusion.check_settings(**{k: v for k, v in config.items() if not k.startswith("_")}, max_steps=max_steps)
 
 
 def guide(out_uncond: Tensor, out_cond: Tensor, guidance_scale: float) -> Tensor:

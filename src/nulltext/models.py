@@ -11,7 +11,9 @@ import gzip
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -22,6 +24,7 @@ from transformers.utils import logging as transformers_logging
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
 from nulltext.io import atomic_write_text
+from nulltext.validation import SettingError
 
 CLIP_CONTEXT_LENGTH = 77
 # The SD v1 scheduler settings (ALGORITHM.md section 1); SD pipelines force steps_offset=1.
@@ -109,12 +112,50 @@ def build_random_pipeline(
     return freeze(pipe)
 
 
+def pocket_path() -> str:
+    """Absolute path of ``models/pocket`` in the repository that holds this package (src layout),
+    or ``$NULLTEXT_POCKET`` when set."""
+    override = os.environ.get("NULLTEXT_POCKET")
+    if override:
+        return str(Path(override).expanduser().resolve())
+    return str(Path(__file__).resolve().parents[2] / "models" / "pocket")
+
+
+def pocket_folder(path: str | None = None) -> Path:
+    """The pocket model's folder (``path``, else :func:`pocket_path`); a one-line error when it is not there."""
+    folder = Path(path).expanduser() if path else Path(pocket_path())
+    if not (folder / "model_index.json").exists():
+        raise ModelUnavailableError(
+            f"the pocket model is not at {folder}: train it with `python scripts/train_pocket_model.py` "
+            "(GPU) or `--config-name train_pocket_cpu` (CPU stand-in), or set NULLTEXT_POCKET"
+        )
+    return folder
+
+
 def load_pipeline(path: str, revision: str | None = None, local_files_only: bool | None = None) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
 
     Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works only if the weights are already in
     the Hugging Face cache; otherwise one clear error says what to do.
     """
+    local = _local_folder(path)
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch.float32}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    # Loading bars would bury the results table (they are per component, and jobs load often).
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as error:
+        raise _unavailable(path, error) from None
+    return freeze(pipe)
+
+
+def _local_folder(path: str) -> Path | None:
+    """The pipeline folder ``path`` names, or None for a hub id; one-line errors for anything else."""
+    if not isinstance(path, str) or not path:
+        raise SettingError(f"model.path={path!r} is not allowed: a hub id like CompVis/stable-diffusion-v1-4 or a local pipeline folder")
     local = Path(path).expanduser()
     if local.exists() and not (local / "model_index.json").exists():
         raise ModelUnavailableError(
@@ -126,30 +167,91 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
             f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
             "or one of the model configs (model=tiny, sd14, sd15, sd21_base)"
         )
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch.float32}
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
-    # Loading bars would bury the results table (they are per component, and jobs load often).
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local.exists() else path, revision=revision, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as error:
-        raise ModelUnavailableError(
-            f"cannot load model {path!r} ({type(error).__name__}): its weights are not in the local Hugging Face "
-            "cache and the hub cannot be reached; download it once with network access "
-            f"(`hf download {path}`) or pass model.path=<local pipeline folder>"
-        ) from None
-    return freeze(pipe)
+    return local if local.exists() else None
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """A device name as configs and command lines give it: ``auto`` (or None) is CUDA when present, else the CPU."""
+def _unavailable(path: str, error: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"cannot load model {path!r} ({type(error).__name__}): its weights are not in the local Hugging Face "
+        "cache and the hub cannot be reached; download it once with network access "
+        f"(`hf download {path}`) or pass model.path=<local pipeline folder>"
+    )
+
+
+def resolve_device(name: str | None, setting: str = "device") -> torch.device:
+    """A device name as configs and command lines give it: ``auto`` (or None) is CUDA when present, else the CPU.
+
+    Other names are torch's (``cpu``, ``cuda``, ``cuda:1``, ``mps``); anything else is a
+    :class:`SettingError` naming ``setting``.
+    """
     if not name or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SettingError(f"{setting}={name!r} is not allowed: auto, cpu, cuda, cuda:<index> or mps") from None
 
 
 def pipeline_resolution(pipe: StableDiffusionPipeline) -> int:
     """Pixel resolution the pipeline was trained at: latent size times the VAE's downsampling."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What settings must fit in a model, known from its config files before any weights load."""
+
+    vae_factor: int  # the VAE's downsampling: image sides must be multiples of it
+    resolution: int  # the image side it was trained at (latent side times vae_factor)
+    max_steps: int  # the most sampling steps: training timesteps less the offset of the first one
+
+
+def _shape(unet: Mapping[str, Any], vae: Mapping[str, Any], scheduler: Mapping[str, Any]) -> ModelShape:
+    # diffusers' rule (StableDiffusionPipeline.vae_scale_factor): one halving per VAE level but the last.
+    factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+    max_steps = int(scheduler.get("num_train_timesteps", 1000)) - int(scheduler.get("steps_offset", 0))
+    return ModelShape(factor, int(unet.get("sample_size") or 64) * factor, max_steps)
+
+
+def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
+    """The :class:`ModelShape` of a ``model`` config node, from its settings or its folder's JSON files.
+
+    Random-init configs carry their component configs; a local folder (and pocket) has
+    ``unet/config.json`` etc.; a hub id's config files come from the Hugging Face cache (or the hub):
+    small files, no weights. None for a constructor nulltext does not know (its shape is then read
+    from the loaded pipeline, :func:`pipeline_shape`).
+    """
+    target = model.get("_target_")
+    if target == "nulltext.models.build_random_pipeline":
+        return _shape(model["unet"], model["vae"], {**SD_SCHEDULER_CONFIG, **(model.get("scheduler") or {})})
+    if target == "nulltext.pocket.load_pocket":
+        return _folder_shape(str(pocket_folder(model.get("path"))), None)
+    if target == "nulltext.models.load_pipeline":
+        return _folder_shape(model.get("path"), model.get("revision"))
+    return None
+
+
+def _folder_shape(path: str, revision: str | None) -> ModelShape:
+    local = _local_folder(path)
+    files = {}
+    for name in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
+        if local is None:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                file = hf_hub_download(path, name, revision=revision)
+            except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
+                raise _unavailable(path, error) from None
+        else:
+            file = local / name
+        try:
+            files[name] = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as error:
+            raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
+    return _shape(*files.values())
+
+
+def pipeline_shape(pipe: StableDiffusionPipeline) -> ModelShape:
+    """The :class:`ModelShape` of a loaded pipeline."""
+    config = pipe.scheduler.config
+    return ModelShape(pipe.vae_scale_factor, pipeline_resolution(pipe), config.num_train_timesteps - config.get("steps_offset", 0))

@@ -7,32 +7,13 @@ directory in a clone of the repository. Training: ``scripts/train_pocket_model.p
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from diffusers import StableDiffusionPipeline
 
-from nulltext.errors import ModelUnavailableError
-from nulltext.models import load_pipeline
+from nulltext.models import load_pipeline, pocket_folder, pocket_path
 
-__all__ = ["pocket_path", "load_pocket"]
-
-
-def pocket_path() -> str:
-    """Absolute path of ``models/pocket`` in the repository that holds this package (src layout),
-    or ``$NULLTEXT_POCKET`` when set."""
-    override = os.environ.get("NULLTEXT_POCKET")
-    if override:
-        return str(Path(override).expanduser().resolve())
-    return str(Path(__file__).resolve().parents[2] / "models" / "pocket")
+__all__ = ["pocket_path", "pocket_folder", "load_pocket"]
 
 
 def load_pocket(path: str | None = None) -> StableDiffusionPipeline:
     """Load pocket (frozen, float32) with :func:`nulltext.models.load_pipeline`."""
-    folder = Path(path).expanduser() if path else Path(pocket_path())
-    if not (folder / "model_index.json").exists():
-        raise ModelUnavailableError(
-            f"the pocket model is not at {folder}: train it with `python scripts/train_pocket_model.py` "
-            "(GPU) or `--config-name train_pocket_cpu` (CPU stand-in), or set NULLTEXT_POCKET"
-        )
-    return load_pipeline(str(folder))
+    return load_pipeline(str(pocket_folder(path)))

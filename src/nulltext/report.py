@@ -29,6 +29,7 @@ import numpy as np
 
 from nulltext.errors import NulltextError
 from nulltext.io import atomic_write, atomic_write_text
+from nulltext.validation import SettingError, check_text
 
 # Display names as in the paper (Mokady et al. 2023, Fig. 4).
 PAPER_NAMES = {
@@ -400,12 +401,25 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_pro
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (a SettingError for the CLI to print), not usage text and exit."""
+
+    def error(self, message: str):
+        raise SettingError(f"{message}: usage: nulltext report <sweep dir> [--out DIR] [--wandb PROJECT]")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="nulltext report", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="nulltext report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="a multirun (or run) directory holding metrics.json files")
     parser.add_argument("--out", help="where to write the report (default: <sweep_dir>/report)")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log every job's curve to this wandb project")
     args = parser.parse_args(argv)
+    if not Path(args.sweep_dir).is_dir():
+        raise SettingError(f"sweep_dir={args.sweep_dir!r} is not allowed: the directory of a finished run or sweep")
+    if args.out is not None and (not args.out.strip() or Path(args.out).is_file()):
+        raise SettingError(f"--out={args.out!r} is not allowed: a directory to write the report into")
+    if args.wandb is not None:
+        check_text("--wandb", args.wandb)
     written = build_report(args.sweep_dir, args.out, args.wandb)
     for paths in written.values():
         for path in paths:

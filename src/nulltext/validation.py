@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from omegaconf import DictConfig, OmegaConf
+
 from nulltext.errors import NulltextError
 
 
-class SettingError(NulltextError):
-    """A setting is out of range, of the wrong type, or not one of the known names."""
+class SettingError(NulltextError, ValueError):
+    """A setting is out of range, of the wrong type, or not one of the known names (a ValueError too)."""
 
 
 def _reject(name: str, value: Any, allowed: str) -> SettingError:
@@ -65,4 +67,42 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     choices = tuple(choices)
     if value not in choices:
         raise _reject(name, value, "one of " + ", ".join(map(repr, choices)))
+    return value
+
+
+# numpy's seeding (and so Lightning's seed_everything) accepts 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> int:
+    """A random seed: an integer in [0, 2**32 - 1]."""
+    return check_int(name, value, 0, SEED_MAX)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """true or false (not a string or a number that would silently count as one)."""
+    if not isinstance(value, bool):
+        raise _reject(name, value, "true or false")
+    return value
+
+
+def check_text(name: str, value: Any) -> str:
+    """A non-empty string (a prompt, a caption, a word)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _reject(name, value, "a non-empty text")
+    return value
+
+
+def check_given(cfg: DictConfig) -> None:
+    """Every mandatory setting (``???`` in a config) has a value; Hydra's jobs' own keys aside."""
+    missing = [key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra.")]
+    if missing:
+        raise SettingError(f"{', '.join(sorted(missing))}: required, give {missing[0]}=<value> on the command line")
+
+
+def check_multiple(name: str, value: Any, factor: int) -> int:
+    """A positive multiple of ``factor`` (an image side the model's VAE can downsample evenly)."""
+    value = check_int(name, value, factor)
+    if value % factor:
+        raise _reject(name, value, f"a multiple of {factor} (the model's VAE downsampling factor), e.g. {value - value % factor}")
     return value

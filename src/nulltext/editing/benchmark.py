@@ -168,35 +168,59 @@ def format_table(summary: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def check_edit_bench(cfg: DictConfig) -> tuple[list[str], dict, dict, dict]:
+    """``nulltext edit_bench``'s settings, before any model loads: returns the method names, their
+    options, the edit settings and the built methods (name -> InversionMethod)."""
+    from nulltext.apps import check_common, check_methods, method_options, plain
+    from nulltext.editing.edit import SETTING_KEYS, EditSettings
+    from nulltext.editing.errors import EditError
+    from nulltext.methods import VAEReconstruction
+    from nulltext.scenes import SIZES, SPLITS
+    from nulltext.validation import SettingError, check_bool, check_choice, check_int
+
+    check_common(cfg)
+    methods = plain(cfg.methods)
+    if not isinstance(methods, list):
+        raise SettingError(f"methods={methods!r} is not allowed: a list of inversion methods, e.g. '[null_text]'")
+    if not methods:
+        raise EditError("give at least one inversion method: methods='[null_text]'")
+    options = method_options(cfg.get("method_options"))
+    strays = sorted(set(options) - set(methods))
+    if strays:
+        raise SettingError(f"method_options has {', '.join(map(str, strays))}, not in methods: give {{method: {{option: value}}}} for methods {methods}")
+    options = {name: method_options(options.get(name), f"method_options.{name}") for name in methods}
+    check_int("num_cases", cfg.num_cases, 1)
+    check_choice("split", cfg.split, SPLITS)
+    check_choice("object_size", cfg.object_size, (*SIZES, None))
+    check_int("dilate", cfg.dilate, 0)  # 0: the exact object
+    check_int("grid_cases", cfg.grid_cases, 0)  # 0: no grid.png
+    local_blend = check_bool("local_blend", cfg.local_blend)
+    settings = {k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg}
+    if settings.get("mode") == "sdedit" and local_blend:
+        raise EditError("local_blend works with Prompt-to-Prompt modes, not sdedit")
+    EditSettings.from_dict(settings)
+    built = check_methods(cfg, options)
+    unusable = [name for name, m in built.items() if isinstance(m, VAEReconstruction)]
+    if unusable:
+        raise EditError(f"{', '.join(unusable)}: a VAE reconstruction has no embeddings to edit with; drop it from methods")
+    return methods, options, settings, built
+
+
 def run_edit_bench(cfg: DictConfig) -> dict:
     """Invert the cases with every method of ``cfg.methods``, edit each, score; writes edit_bench.json/.md and grid.png."""
     from hydra.utils import instantiate
 
-    from nulltext.apps import plain
-    from nulltext.editing.edit import SETTING_KEYS, EditSettings, edit
-    from nulltext.editing.errors import EditError
+    from nulltext.editing.edit import edit
     from nulltext.editing.visual import enlarge, grid, to_pil
     from nulltext.io import atomic_write_json, atomic_write_text
-    from nulltext.methods import VAEReconstruction, image_seed, make_method
+    from nulltext.methods import image_seed
     from nulltext.models import pipeline_resolution, resolve_device
     from nulltext.provenance import provenance
     from nulltext.reconstruction import to_uint8
     from nulltext.runner import save_png
 
+    methods, options, settings, built = check_edit_bench(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    methods = list(plain(cfg.methods))
-    if not methods:
-        raise EditError("give at least one inversion method: methods='[null_text]'")
-    options = plain(cfg.get("method_options")) or {}
-    settings = {k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg}
-    if settings.get("mode") == "sdedit" and cfg.local_blend:
-        raise EditError("local_blend works with Prompt-to-Prompt modes, not sdedit")
-    EditSettings.from_dict(settings)  # clear errors before any model is loaded or inversion runs
-    built = {name: make_method(name, **(options.get(name) or {})) for name in methods}
-    unusable = [name for name, m in built.items() if isinstance(m, VAEReconstruction)]
-    if unusable:
-        raise EditError(f"{', '.join(unusable)}: a VAE reconstruction has no embeddings to edit with; drop it from methods")
-
     torch.manual_seed(cfg.seed)
     pipe = instantiate(cfg.model).to(resolve_device(cfg.get("device")))
     diffusion = instantiate(cfg.diffusion, pipe=pipe)

@@ -8,7 +8,8 @@
     nulltext attention artifact=... [prompt="a photo of a cat"]
 
 The task functions :func:`run_edit` and :func:`run_attention` take a composed config and are what
-tests call. Heavy imports happen inside them, so ``nulltext.cli`` stays cheap to import.
+tests call; each first checks every setting (:func:`check_edit`, :func:`check_attention`) before
+any model loads. Heavy imports happen inside them, so ``nulltext.cli`` stays cheap to import.
 """
 
 from __future__ import annotations
@@ -18,9 +19,54 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nulltext.apps import CONFIG_DIR, plain, report_errors
+from nulltext.apps import CONFIG_DIR, check_common, check_methods, method_options, plain, report_errors
+from nulltext.validation import SettingError, check_choice, check_int, check_text
 
 GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
+
+
+def _optional(check, name: str, value, *args):
+    return None if value is None else check(name, value, *args)
+
+
+def check_edit(cfg: DictConfig) -> tuple[list[str], "EditSettings"]:
+    """``nulltext edit``'s settings (before any model loads): the source, prompts, edit settings, method."""
+    from nulltext.editing.edit import SETTING_KEYS, EditSettings
+    from nulltext.editing.errors import EditError
+
+    check_common(cfg)
+    for key in ("artifact", "image", "mask", "clip_model"):
+        _optional(check_text, key, cfg.get(key))
+    prompts = None if OmegaConf.is_missing(cfg, "prompts") else plain(cfg.prompts)
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not prompts or not isinstance(prompts, list):
+        raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
+    for prompt in prompts:
+        check_text("prompts", prompt)
+    settings = EditSettings.from_dict({k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
+    if not cfg.get("artifact"):
+        if not (cfg.get("image") and cfg.get("caption")):
+            raise EditError("give artifact=<run>/inversions/<id>.safetensors, or image=<file> caption=<text> to invert first")
+        check_text("caption", cfg.caption)
+        check_methods(cfg, {cfg.method: method_options(cfg.get("method_options"))})
+    return prompts, settings
+
+
+def check_attention(cfg: DictConfig) -> None:
+    """``nulltext attention``'s settings (before any model loads)."""
+    from nulltext.editing.attention import PLACES
+
+    check_common(cfg)
+    check_text("artifact", cfg.artifact)
+    _optional(check_text, "prompt", cfg.prompt)
+    _optional(check_int, "resolution", cfg.resolution, 1)
+    places = plain(cfg.places)
+    if not isinstance(places, list) or not places:
+        raise SettingError(f"places={places!r} is not allowed: a non-empty list of {', '.join(PLACES)}")
+    for place in places:
+        check_choice("places", place, PLACES)
+    check_int("tile_size", cfg.tile_size, 1, 4096)
+    check_int("columns", cfg.columns, 1)
 
 
 def _diffusion_from_record(record: dict, device):
@@ -86,20 +132,15 @@ def _load_source(cfg: DictConfig, output_dir: Path):
 
 def run_edit(cfg: DictConfig) -> dict:
     """Edit one inverted image; writes grid.png, reconstruction.png, edits/, masks/, metrics.json, settings.json."""
-    from nulltext.editing.edit import SETTING_KEYS, EditSettings, edit
-    from nulltext.editing.errors import EditError
+    from nulltext.editing.edit import edit
     from nulltext.editing.metrics import edit_metrics, load_mask
     from nulltext.editing.visual import enlarge, grid, slug, to_pil
     from nulltext.io import atomic_write_json
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
 
+    prompts, settings = check_edit(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    prompts = None if OmegaConf.is_missing(cfg, "prompts") else plain(cfg.prompts)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-    if not prompts:
-        raise EditError('give the target prompts: prompts=\'["a photo of a dog"]\'')
-    settings = EditSettings.from_dict({k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
     diffusion, inversion, record, image, source = _load_source(cfg, output_dir)
     out = edit(diffusion, inversion, prompts, settings)
 
@@ -173,7 +214,6 @@ def run_attention(cfg: DictConfig) -> Path:
     from nulltext.artifacts import load_artifact
     from nulltext.editing.attention import AttentionStore
     from nulltext.editing.edit import edit
-    from nulltext.editing.errors import EditError
     from nulltext.editing.tokens import token_texts
     from nulltext.editing.visual import attention_tile, grid, to_pil
     from nulltext.io import atomic_write, atomic_write_json
@@ -181,9 +221,8 @@ def run_attention(cfg: DictConfig) -> Path:
     from nulltext.provenance import provenance
     from nulltext.runner import save_png
 
+    check_attention(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if OmegaConf.is_missing(cfg, "artifact") or not cfg.artifact:
-        raise EditError("give artifact=<run>/inversions/<id>.safetensors")
     inversion, record = load_artifact(cfg.artifact)
     diffusion = _diffusion_from_record(record, resolve_device(cfg.get("device")))
     source_prompt = inversion.prompts[0]

@@ -32,6 +32,7 @@ from nulltext.editing.sampling import EditOutput, check_inversion, sample_prompt
 from nulltext.editing.sdedit import sdedit
 from nulltext.methods.base import Inversion
 from nulltext.reconstruction import to_uint8
+from nulltext.validation import SettingError, check_choice, check_float, check_int, check_probability, check_text
 
 MODES = ("replace", "refine", "reweight", "sdedit", "none")
 
@@ -54,6 +55,12 @@ class EditSettings:
         side nearest a quarter of the latent side (16 on SD, as the official code); small models
         need a finer one (8 on the pocket model's 8x8 latents, where a quarter is a 4x4 map).
     strength: SDEdit's fraction of the steps that are re-sampled with the target prompt.
+
+    Allowed values (:meth:`validate`, one :class:`~nulltext.validation.SettingError` line each):
+    windows are fractions in [0, 1] or pairs [start, end] with 0 <= start <= end <= 1;
+    ``reweight`` factors are finite numbers (negative ones suppress a word); ``blend_threshold``,
+    ``blend_start`` and ``strength`` are in [0, 1]; ``blend_resolution`` >= 1 or null;
+    ``self_replace_max_tokens`` >= 0 (0: no self-attention map is replaced).
     """
 
     mode: str = "replace"
@@ -78,24 +85,55 @@ class EditSettings:
         return settings
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise EditError(f"unknown edit mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        check_choice("mode", self.mode, MODES)
+        if isinstance(self.cross_replace, Mapping):
+            for word, window in self.cross_replace.items():
+                check_window(f"cross_replace.{check_text('cross_replace word', word)}", window)
+        else:
+            check_window("cross_replace", self.cross_replace)
+        if self.self_replace is not None:
+            check_window("self_replace", self.self_replace)
+        check_int("self_replace_max_tokens", self.self_replace_max_tokens, 0)
+        if self.reweight is not None:
+            if not isinstance(self.reweight, Mapping):
+                raise SettingError(f"reweight={self.reweight!r} is not allowed: null or {{word: factor}}, e.g. {{cat: 2.0}}")
+            for word, factor in self.reweight.items():
+                check_float(f"reweight.{check_text('reweight word', word)}", factor)
         if self.mode == "reweight" and not self.reweight:
             raise EditError("mode=reweight needs reweight={word: factor}")
-        if not 0.0 <= float(self.strength) <= 1.0:
-            raise EditError(f"strength must be in [0, 1], not {self.strength}")
+        check_probability("strength", self.strength)
         if self.mode == "sdedit" and (self.blend_words is not None or self.reweight):
             raise EditError("mode=sdedit uses no attention control: drop blend_words and reweight, or pick another mode")
-        if not 0.0 <= float(self.blend_start) <= 1.0:
-            raise EditError(f"blend_start must be in [0, 1], not {self.blend_start}")
-        if self.blend_resolution is not None and int(self.blend_resolution) < 1:
-            raise EditError(f"blend_resolution must be a positive map side (e.g. 16) or null, not {self.blend_resolution}")
+        if self.blend_words is not None:
+            words = [self.blend_words] if isinstance(self.blend_words, str) else self.blend_words
+            entries = [w for entry in words for w in ([entry] if isinstance(entry, str) else entry)] if isinstance(words, Sequence) else []
+            if not entries or not all(isinstance(w, str) and w.strip() for w in entries):
+                raise SettingError(
+                    f"blend_words={self.blend_words!r} is not allowed: null, a word, or [source_word, target_word] "
+                    "(one entry, a word or a list of words, per prompt)"
+                )
+        check_probability("blend_threshold", self.blend_threshold)
+        check_probability("blend_start", self.blend_start)
+        if self.blend_resolution is not None:
+            check_int("blend_resolution", self.blend_resolution, 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(EditSettings))  # the config keys of an edit
+
+
+def check_window(name: str, window: Any) -> None:
+    """An injection window: a fraction of the steps in [0, 1] or a pair [start, end], 0 <= start <= end <= 1."""
+    if isinstance(window, Sequence) and not isinstance(window, str) and len(window) == 2:
+        start, end = (check_probability(name, bound) for bound in window)
+        if start <= end:
+            return
+    elif not isinstance(window, (Sequence, Mapping)):
+        check_probability(name, window)
+        return
+    raise SettingError(f"{name}={window!r} is not allowed: a fraction in [0, 1] or a pair [start, end] with 0 <= start <= end <= 1")
 
 
 def build_controller(settings: EditSettings) -> AttentionController | None:

@@ -1,5 +1,7 @@
 """Inversion methods: one class each behind :class:`InversionMethod`; ``METHODS`` maps config names to classes."""
 
+import inspect
+
 from nulltext.errors import UnknownNameError
 from nulltext.methods.base import Inversion, InversionMethod, image_seed
 from nulltext.methods.baselines import DDIMInversion, NegativePromptInversion, VAEReconstruction
@@ -30,7 +32,21 @@ def make_method(name: str, **overrides) -> InversionMethod:
     """Instantiate a method by its config name with keyword overrides of its defaults."""
     if name not in METHODS:
         raise UnknownNameError(f"unknown inversion method {name!r}; choose one of: {', '.join(METHODS)}")
+    known = method_options(METHODS[name])
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise UnknownNameError(f"unknown option(s) {', '.join(unknown)} of inversion method {name!r}; it has: {', '.join(known) or 'none'}")
     return METHODS[name](**overrides)
 
 
-__all__ = ["METHODS", "Inversion", "InversionMethod", "image_seed", "make_method", *[c.__name__ for c in METHODS.values()]]
+def method_options(cls: type[InversionMethod]) -> list[str]:
+    """The settings a method's constructor takes (seen through ``*args, **kwargs`` pass-throughs to its base)."""
+    for klass in cls.__mro__:
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        named = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if named or not any(p.kind == p.VAR_KEYWORD for p in params):
+            return named
+    return []
+
+
+__all__ = ["METHODS", "Inversion", "InversionMethod", "image_seed", "make_method", "method_options", *[c.__name__ for c in METHODS.values()]]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion
+from nulltext.validation import SettingError, check_float
 
 
 @dataclass
@@ -75,13 +76,19 @@ class InversionMethod(ABC):
 
     Args:
         extra_guidance_scales: also reconstruct at these guidance scales and report their PSNR
-            (e.g. DDIM inversion sampled at w = 1 as well as at 7.5).
+            (e.g. DDIM inversion sampled at w = 1 as well as at 7.5); a list of finite numbers.
+
+    Every constructor checks its settings (:mod:`nulltext.validation`), so a bad value stops a run
+    with one line before any model loads; the names in the messages are the config keys
+    (``inversion.<setting>``).
     """
 
     name: ClassVar[str]
 
     def __init__(self, extra_guidance_scales: Sequence[float] = ()):
-        self.extra_guidance_scales = tuple(float(w) for w in extra_guidance_scales)
+        if isinstance(extra_guidance_scales, (str, bytes)) or not isinstance(extra_guidance_scales, Sequence):
+            raise SettingError(f"inversion.extra_guidance_scales={extra_guidance_scales!r} is not allowed: a list of numbers, e.g. [1.0]")
+        self.extra_guidance_scales = tuple(check_float("inversion.extra_guidance_scales", w) for w in extra_guidance_scales)
 
     def prepare(self, captions: Sequence[str]) -> None:
         """Called once with every caption of the dataset before inverting (most methods ignore it)."""

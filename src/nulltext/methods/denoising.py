@@ -9,6 +9,7 @@ from torch import Tensor
 
 from nulltext.diffusion import Diffusion, guide
 from nulltext.methods.base import Inversion, InversionMethod, Monitor
+from nulltext.validation import check_int, check_positive
 
 
 class TextualInversion(InversionMethod):
@@ -21,9 +22,9 @@ class TextualInversion(InversionMethod):
     how its baseline is sampled; this is the standard editing setup).
 
     Args:
-        num_iterations: Adam steps (one random t and noise per image each).
-        learning_rate: Adam learning rate on the 77 x D embedding.
-        report_every: hand the current inversion to the monitor every this many iterations (0: never),
+        num_iterations: Adam steps (one random t and noise per image each; >= 1).
+        learning_rate: Adam learning rate on the 77 x D embedding (finite, > 0).
+        report_every: hand the current inversion to the monitor every this many iterations (>= 0; 0: never),
             so that one long run gives the whole convergence curve.
     """
 
@@ -38,9 +39,9 @@ class TextualInversion(InversionMethod):
         extra_guidance_scales: Sequence[float] = (),
     ):
         super().__init__(extra_guidance_scales)
-        self.num_iterations = int(num_iterations)
-        self.learning_rate = float(learning_rate)
-        self.report_every = int(report_every)
+        self.num_iterations = check_int("inversion.num_iterations", num_iterations, 1)
+        self.learning_rate = check_positive("inversion.learning_rate", learning_rate)
+        self.report_every = check_int("inversion.report_every", report_every, 0)
 
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from nulltext.diffusion import Diffusion, guide
 from nulltext.methods.base import Inversion, InversionMethod, Monitor
+from nulltext.validation import check_int, check_positive, check_probability
 
 
 class GlobalNullTextInversion(InversionMethod):
@@ -19,6 +20,8 @@ class GlobalNullTextInversion(InversionMethod):
     image lives across all passes; the learning rate follows the per-step schedule of Algorithm 1
     within each pass. Total iterations = num_passes * S. The per-image mean loss of every pass is
     recorded as a curve, and the monitor sees the inversion after every pass.
+
+    Settings: ``num_passes`` >= 1, ``learning_rate`` > 0, ``lr_decay`` in [0, 1].
     """
 
     name = "null_text_global"
@@ -31,11 +34,9 @@ class GlobalNullTextInversion(InversionMethod):
         extra_guidance_scales: Sequence[float] = (),
     ):
         super().__init__(extra_guidance_scales)
-        if num_passes < 1:
-            raise ValueError(f"num_passes must be at least 1, not {num_passes}")
-        self.num_passes = int(num_passes)
-        self.learning_rate = float(learning_rate)
-        self.lr_decay = float(lr_decay)
+        self.num_passes = check_int("inversion.num_passes", num_passes, 1)
+        self.learning_rate = check_positive("inversion.learning_rate", learning_rate)
+        self.lr_decay = check_probability("inversion.lr_decay", lr_decay)
 
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None

@@ -12,6 +12,7 @@ from torch import Tensor
 from nulltext.diffusion import Diffusion, guide
 from nulltext.errors import CaptionError
 from nulltext.methods.base import Inversion, InversionMethod, Monitor, gaussian_like
+from nulltext.validation import check_bool, check_choice, check_float, check_int, check_positive, check_probability
 
 Precision = Literal["float32", "bf16", "tf32"]
 PRECISIONS = ("float32", "bf16", "tf32")
@@ -34,13 +35,13 @@ class NullTextInversion(InversionMethod):
     (:class:`~nulltext.methods.OfficialNullTextInversion`; ``tests/test_reference_engine.py``).
 
     Args:
-        num_inner_steps: N, the most Adam steps per timestep (10 in the paper).
-        learning_rate: lr0 (0.01).
-        lr_decay: lr at step i is lr0 * (1 - i * lr_decay) (1/100 in the official code).
-        early_stop_epsilon, early_stop_slope: the early-stop threshold epsilon + slope * i; a
-            threshold <= 0 disables early stopping (and its host synchronisation).
+        num_inner_steps: N, the most Adam steps per timestep (10 in the paper; >= 1).
+        learning_rate: lr0 (0.01; finite, > 0).
+        lr_decay: lr at step i is lr0 * (1 - i * lr_decay) (1/100 in the official code; in [0, 1]).
+        early_stop_epsilon, early_stop_slope: the early-stop threshold epsilon + slope * i (finite
+            numbers); a threshold <= 0 disables early stopping (and its host synchronisation).
         pivot_guidance_scale: guidance of the DDIM inversion that makes the pivot (1 in the
-            paper; its Fig. 9 sweeps 1 to 8).
+            paper; its Fig. 9 sweeps 1 to 8; finite).
         static_batch: keep stopped images in the UNet batch (masked) instead of dropping them, so
             that every inner call has the same shape: what ``compile`` and CUDA graphs need. Off,
             stopped images leave the batch (fewer FLOPs, one host synchronisation per iteration).
@@ -71,19 +72,16 @@ class NullTextInversion(InversionMethod):
         precision: Precision = "float32",
     ):
         super().__init__(extra_guidance_scales)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-        if compile is not None and compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be null or one of {COMPILE_MODES}, not {compile!r}")
-        self.pivot_guidance_scale = float(pivot_guidance_scale)
-        self.num_inner_steps = int(num_inner_steps)
-        self.learning_rate = float(learning_rate)
-        self.lr_decay = float(lr_decay)
-        self.early_stop_epsilon = float(early_stop_epsilon)
-        self.early_stop_slope = float(early_stop_slope)
-        self.static_batch = bool(static_batch) or compile is not None  # a changing batch would recompile
-        self.compile = compile
-        self.precision = precision
+        self.precision = check_choice("inversion.precision", precision, PRECISIONS)
+        self.compile = check_choice("inversion.compile", compile, (None, *COMPILE_MODES))
+        self.pivot_guidance_scale = check_float("inversion.pivot_guidance_scale", pivot_guidance_scale)
+        self.num_inner_steps = check_int("inversion.num_inner_steps", num_inner_steps, 1)
+        self.learning_rate = check_positive("inversion.learning_rate", learning_rate)
+        self.lr_decay = check_probability("inversion.lr_decay", lr_decay)
+        self.early_stop_epsilon = check_float("inversion.early_stop_epsilon", early_stop_epsilon)
+        self.early_stop_slope = check_float("inversion.early_stop_slope", early_stop_slope)
+        # A changing batch would recompile.
+        self.static_batch = check_bool("inversion.static_batch", static_batch) or compile is not None
         self._compiled: tuple[torch.nn.Module, Callable] | None = None
 
     def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, null: Tensor, seeds: list[int]) -> Tensor:

@@ -34,6 +34,7 @@ from torch import Tensor
 from nulltext.diffusion import Diffusion
 from nulltext.methods.base import Inversion, Monitor
 from nulltext.methods.null_text import NullTextInversion
+from nulltext.validation import SettingError
 
 
 @contextmanager
@@ -73,7 +74,7 @@ class OfficialNullTextInversion(NullTextInversion):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.static_batch or self.compile is not None or self.precision != "float32":
-            raise ValueError(
+            raise SettingError(
                 "null_text_reference runs the official loop (eager, float32, one image at a time): "
                 "static_batch, compile and precision are options of null_text, the fast engine"
             )
