@@ -63,7 +63,7 @@ def choice(group: str) -> str | None:
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
     from nulltext.models import pipeline_resolution
-    from nulltext.runner import InversionModule
+    from nulltext.runner import InversionModule, progress_bar_settings
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
@@ -82,7 +82,8 @@ def run_inversion(cfg: DictConfig) -> dict:
     }
     module = InversionModule(diffusion, method, output_dir, seed=cfg.seed, lpips_net=cfg.lpips_net, record=record)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False)
+    progress = progress_bar_settings(cfg.trainer.get("enable_progress_bar"), sys.stderr.isatty())
+    trainer = instantiate(cfg.trainer, logger=loggers or False, **progress)
     try:
         trainer.test(module, datamodule=datamodule, verbose=False)
     finally:

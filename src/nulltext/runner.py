@@ -4,6 +4,9 @@
 gradients, so ``test_step`` re-enables them and the Trainer must be built with
 ``inference_mode=False``). Per image it writes a PNG (input | VAE | reconstruction) and an
 inversion artifact, logs PSNR/LPIPS, and at the end writes ``metrics.json`` atomically.
+
+:class:`ImageProgressBar` is the run's progress bar (images done, elapsed, time left), shown
+only where someone watches: :func:`progress_bar_settings` decides.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from PIL import Image
 
 from nulltext.artifacts import save_artifact
@@ -47,6 +54,67 @@ def standard_normal_log_likelihood(z: torch.Tensor) -> float:
 
 def mean_or_nan(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+class ImageProgressBar(TQDMProgressBar):
+    """Lightning's test progress bar, counting images instead of batches, on stderr.
+
+    A batch of ``data.batch_size`` images advances it by that many at once (failed and reused
+    images count as done); the postfix names the last image. Elapsed time and the estimate of
+    the time left are tqdm's. The bar is closed in ``on_test_end``, before ``trainer.test``
+    returns, so whatever the caller prints afterwards (the summary table) stays last.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(leave=True)
+        self._images_done = 0
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(
+            desc="Inverting",
+            unit="image",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            bar_format=self.BAR_FORMAT,
+        )
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_test_start(trainer, pl_module)
+        loaders = trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        # The sampler holds this process's images (its shard under DDP).
+        self.test_progress_bar.total = sum(len(loader.sampler) for loader in loaders)
+        self._images_done = 0
+
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        """Keep the image total set in on_test_start (the parent would reset it to batches)."""
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        ids = [*batch["ids"], *(f["id"] for f in batch["failures"])]
+        self._images_done += len(ids)
+        bar = self.test_progress_bar
+        if not bar.disable:
+            if ids:
+                bar.set_postfix_str(f"image {ids[-1]}", refresh=False)
+            bar.n = self._images_done
+            bar.refresh()
+
+
+def progress_bar_settings(setting: bool | None, interactive: bool) -> dict[str, Any]:
+    """Trainer keyword arguments for the progress bar.
+
+    ``setting`` is ``trainer.enable_progress_bar``: ``None`` (the default) shows an
+    :class:`ImageProgressBar` only when ``interactive`` (pass ``sys.stderr.isatty()``: under
+    SLURM, in CI or with output redirected, a bar would only fill the log with carriage
+    returns); ``True`` / ``False`` force it on / off.
+    """
+    enabled = interactive if setting is None else bool(setting)
+    return {"enable_progress_bar": enabled, "callbacks": [ImageProgressBar()] if enabled else []}
 
 
 class InversionModule(L.LightningModule):
