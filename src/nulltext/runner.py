@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from PIL import Image
 
-from nulltext.artifacts import save_artifact
+from nulltext.artifacts import invalidate_artifact, save_artifact
 from nulltext.diffusion import Diffusion
 from nulltext.io import atomic_write, atomic_write_json
 from nulltext.methods import Inversion, InversionMethod, image_seed
@@ -67,11 +67,13 @@ class ImageProgressBar(TQDMProgressBar):
 
     def __init__(self) -> None:
         super().__init__(leave=True)
+        self._images_total: int | None = None
         self._images_done = 0
 
     def init_test_tqdm(self) -> Tqdm:
         return Tqdm(
             desc="Inverting",
+            total=self._images_total,
             unit="image",
             position=2 * self.process_position,
             disable=self.is_disabled,
@@ -82,12 +84,12 @@ class ImageProgressBar(TQDMProgressBar):
         )
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_test_start(trainer, pl_module)
         loaders = trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         # The sampler holds this process's images (its shard under DDP).
-        self.test_progress_bar.total = sum(len(loader.sampler) for loader in loaders)
+        self._images_total = sum(len(loader.sampler) for loader in loaders)
         self._images_done = 0
+        super().on_test_start(trainer, pl_module)
 
     def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
         """Keep the image total set in on_test_start (the parent would reset it to batches)."""
@@ -152,6 +154,10 @@ class InversionModule(L.LightningModule):
         self.metrics: dict | None = None
 
     def on_test_start(self) -> None:
+        if self.trainer.is_global_zero:
+            # metrics.json exists only for a finished run: a rerun killed half-way must not leave
+            # the previous run's summary beside some recomputed images.
+            (self.output_dir / "metrics.json").unlink(missing_ok=True)
         self.lpips, self.lpips_spec = load_lpips(self.lpips_net, device=self.device)
         datamodule = self.trainer.datamodule
         self.method.prepare(datamodule.captions if datamodule is not None else [])
@@ -183,7 +189,9 @@ class InversionModule(L.LightningModule):
             "method": self.method.config(),
             "num_inference_steps": d.schedule.num_steps,
             "inversion_timestep": d.inversion_timestep,
-            "scheduler": dict(d.pipe.scheduler.config),
+            # Without diffusers' bookkeeping keys: _use_default_values is a set, listed in a
+            # different order by each process, so identical runs would differ.
+            "scheduler": {k: v for k, v in d.pipe.scheduler.config.items() if not k.startswith("_")},
             **self.record,
             **provenance(),
             "result": result,
@@ -205,6 +213,8 @@ class InversionModule(L.LightningModule):
             self.invert_batch([batch["ids"][b] for b in todo], [batch["captions"][b] for b in todo], batch["images"][todo])
 
     def invert_batch(self, ids: list[str], captions: list[str], images: torch.Tensor) -> None:
+        for image_id in ids:  # before the PNG is rewritten: see invalidate_artifact
+            invalidate_artifact(self.output_dir / "inversions" / image_id)
         images = images.to(self.device)
         target = images.float() / 255
         seeds = [image_seed(self.seed, i) for i in ids]
