@@ -185,4 +185,6 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path):
     assert assert_nothing_half_written(run_dir, reference) == sorted(IDS)
     assert stdout.count("reusing the stored result") == len(IDS)
     assert without_run_specifics(json.loads(metrics.read_text()), run_dir) == without_run_specifics(ref_metrics, reference)
-    assert visible_files(run_dir) == visible_files(reference)
+    # The same files (csv/ aside: Lightning's log of what each process itself computed).
+    outputs = lambda d: [p for p in visible_files(d) if p.parts[0] != "csv"]  # noqa: E731
+    assert outputs(run_dir) == outputs(reference)

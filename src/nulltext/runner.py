@@ -80,7 +80,8 @@ class ImageProgressBar(TQDMProgressBar):
             leave=True,
             dynamic_ncols=True,
             file=sys.stderr,
-            bar_format=self.BAR_FORMAT,
+            # Lightning's format with tqdm's rate_fmt, which reads "12.3s/image" for slow images.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
         )
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
