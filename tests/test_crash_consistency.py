@@ -11,7 +11,6 @@ output folder), with no hooks in the product code:
 """
 
 import json
-import os
 import re
 import signal
 import subprocess
