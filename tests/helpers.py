@@ -35,7 +35,12 @@ def composed(config_name: str, overrides: list[str], output_dir: Path):
     GlobalHydra.instance().clear()
 
 
+def nulltext_command(*args: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """The real command line (``python -m nulltext ...``) and its offline environment."""
+    return [sys.executable, "-m", "nulltext", *args], {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+
+
 def run_nulltext(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real command line (``python -m nulltext ...``) in a subprocess, offline."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "nulltext", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
+    """The real command line in a subprocess, offline, run to its end."""
+    command, environment = nulltext_command(*args, env=env)
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)

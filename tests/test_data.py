@@ -316,11 +316,37 @@ def test_missing_folder_captions_and_unknown_format(tmp_path):
     assert_one_line(str(info.value), "data folder not found", "data.dataset.path=")
     with pytest.raises(NulltextError) as info:
         FolderDataset(tmp_path, resolution=8)
-    assert_one_line(str(info.value), "captions file not found", "captions.csv", "image,caption")
+    assert_one_line(
+        str(info.value), "captions file not found", "captions.csv nor captions.jsonl", "image,caption",
+        "data.dataset.captions=",
+    )
+    with pytest.raises(NulltextError) as info:
+        FolderDataset(tmp_path, "mine.csv", resolution=8)
+    assert_one_line(str(info.value), f"captions file not found: {tmp_path / 'mine.csv'}")
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(NulltextError) as info:
         FolderDataset(tmp_path, "c.txt", resolution=8)
     assert_one_line(str(info.value), "unsupported captions file type '.txt'", ".jsonl")
+
+
+def test_captions_file_found_by_itself(tmp_path):
+    _write_images(tmp_path, {"a.png": (255, 0, 0)})
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.png", "caption": "from jsonl"}) + "\n")
+    ds = FolderDataset(tmp_path, resolution=8)
+    assert ds.captions_file == jsonl and ds[0]["caption"] == "from jsonl"
+
+    csv_file = tmp_path / "captions.csv"
+    csv_file.write_text("image,caption\na.png,from csv\n")
+    with pytest.raises(NulltextError) as info:
+        FolderDataset(tmp_path, resolution=8)
+    assert_one_line(str(info.value), f"both {csv_file} and {jsonl} exist", "data.dataset.captions=")
+    # Naming one settles it.
+    assert FolderDataset(tmp_path, "captions.csv", resolution=8)[0]["caption"] == "from csv"
+
+    jsonl.unlink()
+    ds = FolderDataset(tmp_path, resolution=8)
+    assert ds.captions_file == csv_file and ds[0]["caption"] == "from csv"
 
 
 def test_duplicate_stems_and_per_row_crop(tmp_path):
@@ -560,6 +586,7 @@ def test_configs_instantiate(tmp_path):
     folder = _three_with_one_bad(tmp_path / "f")
     dm = instantiate(_config("folder", path=str(folder)).data, resolution=8)
     assert isinstance(dm.dataset, FolderDataset) and dm.ids == ["a", "b", "c"]
+    assert dm.dataset.captions_file == folder / "captions.csv"  # found, not named by the config
     cfg = _config("folder", path=str(folder), crop=[0, 0, 1, 0])
     assert instantiate(cfg.data, resolution=8).dataset._entries[0].crop == (0, 0, 1, 0)
 

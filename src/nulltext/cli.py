@@ -109,6 +109,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     from nulltext.diffusion import check_sampler_config
     from nulltext.metrics import LPIPS_NETS
     from nulltext.models import model_shape, pipeline_shape
+    from nulltext.runner import progress_bar_settings
 
     check_given(cfg)
     check_seed("seed", cfg.seed)
@@ -126,8 +127,9 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     datamodule = instantiate(cfg.data, resolution=resolution)
     check_trainer(cfg.trainer)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    progress = progress_bar_settings(cfg.trainer.get("enable_progress_bar"), sys.stderr.isatty())
     try:
-        trainer = instantiate(cfg.trainer, logger=loggers or False)
+        trainer = instantiate(cfg.trainer, logger=loggers or False, **progress)
     except Exception as error:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 

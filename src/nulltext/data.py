@@ -56,6 +56,7 @@ __all__ = [
     "SampleImages",
     "SAMPLE_IDS",
     "FolderDataset",
+    "CAPTIONS_FILES",
     "CocoDataset",
     "collate_items",
     "InversionDataModule",
@@ -617,10 +618,34 @@ _CAPTION_READERS: dict[str, Callable[[Path], list[tuple[int, str, str, Crop | No
 }
 
 
+CAPTIONS_FILES = ("captions.csv", "captions.jsonl")
+"""The captions files :class:`FolderDataset` looks for when none is named."""
+
+
+def _find_captions_file(folder: Path) -> Path:
+    """The one of :data:`CAPTIONS_FILES` present in ``folder``; :class:`NulltextError` if both or
+    neither are there."""
+    found = [folder / name for name in CAPTIONS_FILES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise NulltextError(
+            f"both {found[0]} and {found[1]} exist: remove one or pass "
+            f"data.dataset.captions=<file>"
+        )
+    if not found:
+        raise NulltextError(
+            f"captions file not found: {folder} has neither {' nor '.join(CAPTIONS_FILES)}: "
+            "create one (CSV with header image,caption, or JSONL with one "
+            '{"image": ..., "caption": ...} per line) or pass data.dataset.captions=<file>'
+        )
+    return found[0]
+
+
 class FolderDataset(_CaptionedImages):
     """A folder of images plus a captions file.
 
-    ``captions`` (relative to ``path`` unless absolute) is chosen by extension:
+    ``captions`` (relative to ``path`` unless absolute) is read according to its extension;
+    ``None`` (the default) finds :data:`CAPTIONS_FILES` (``captions.csv`` or ``captions.jsonl``)
+    in the folder, and raises if both or neither exist:
 
     * ``.csv``: a header row with (at least) the columns ``image,caption``;
     * ``.jsonl`` / ``.ndjson``: one object ``{"image": ..., "caption": ...}`` per line.
@@ -639,7 +664,7 @@ class FolderDataset(_CaptionedImages):
     def __init__(
         self,
         path: str | os.PathLike,
-        captions: str | os.PathLike = "captions.csv",
+        captions: str | os.PathLike | None = None,
         *,
         resolution: int,
         limit: int | None = None,
@@ -652,9 +677,9 @@ class FolderDataset(_CaptionedImages):
             what = "is not a folder" if folder.exists() else "not found"
             raise ImageError(
                 f"data folder {what}: {folder}: pass data.dataset.path=<folder with the images "
-                f"and {captions}>"
+                f"and {captions or ' or '.join(CAPTIONS_FILES)}>"
             )
-        file = _setting_path("data.dataset.captions", captions)
+        file = _find_captions_file(folder) if captions is None else _setting_path("data.dataset.captions", captions)
         if not file.is_absolute():
             file = folder / file
         reader = _CAPTION_READERS.get(file.suffix.lower())

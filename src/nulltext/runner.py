@@ -16,6 +16,9 @@ Cost per image, measured (:mod:`nulltext.cost`), never computed from a formula:
   a batch of several images is their mean; with ``data.batch_size=1`` it is the image's own;
 - ``peak_memory_mib``: peak memory of the batch's ``invert`` (:class:`nulltext.cost.PeakMemory`:
   CUDA tensor memory, or the process's peak RSS on CPU; ``peak_memory`` in metrics.json says which).
+
+:class:`ImageProgressBar` is the run's progress bar (images done, elapsed, time left), shown
+only where someone watches: :func:`progress_bar_settings` decides.
 """
 
 from __future__ import annotations
@@ -25,14 +28,18 @@ import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from PIL import Image
 
-from nulltext.artifacts import save_artifact
+from nulltext.artifacts import invalidate_artifact, save_artifact
 from nulltext.cost import PeakMemory, UNetCounter, peak_memory_definition
 from nulltext.diffusion import Diffusion
 from nulltext.io import atomic_write, atomic_write_json
@@ -84,6 +91,70 @@ def per_image(count: int, batch_size: int) -> int | float:
     return int(share) if share.is_integer() else share
 
 
+class ImageProgressBar(TQDMProgressBar):
+    """Lightning's test progress bar, counting images instead of batches, on stderr.
+
+    A batch of ``data.batch_size`` images advances it by that many at once (failed and reused
+    images count as done); the postfix names the last image. Elapsed time and the estimate of
+    the time left are tqdm's. The bar is closed in ``on_test_end``, before ``trainer.test``
+    returns, so whatever the caller prints afterwards (the summary table) stays last.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(leave=True)
+        self._images_total: int | None = None
+        self._images_done = 0
+
+    def init_test_tqdm(self) -> Tqdm:
+        return Tqdm(
+            desc="Inverting",
+            total=self._images_total,
+            unit="image",
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            # Lightning's format with tqdm's rate_fmt, which reads "12.3s/image" for slow images.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+        )
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loaders = trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        # The sampler holds this process's images (its shard under DDP).
+        self._images_total = sum(len(loader.sampler) for loader in loaders)
+        self._images_done = 0
+        super().on_test_start(trainer, pl_module)
+
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        """Keep the image total set in on_test_start (the parent would reset it to batches)."""
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        ids = [*batch["ids"], *(f["id"] for f in batch["failures"])]
+        self._images_done += len(ids)
+        bar = self.test_progress_bar
+        if not bar.disable:
+            if ids:
+                bar.set_postfix_str(f"image {ids[-1]}", refresh=False)
+            bar.n = self._images_done
+            bar.refresh()
+
+
+def progress_bar_settings(setting: bool | None, interactive: bool) -> dict[str, Any]:
+    """Trainer keyword arguments for the progress bar.
+
+    ``setting`` is ``trainer.enable_progress_bar``: ``None`` (the default) shows an
+    :class:`ImageProgressBar` only when ``interactive`` (pass ``sys.stderr.isatty()``: under
+    SLURM, in CI or with output redirected, a bar would only fill the log with carriage
+    returns); ``True`` / ``False`` force it on / off.
+    """
+    enabled = interactive if setting is None else bool(setting)
+    return {"enable_progress_bar": enabled, "callbacks": [ImageProgressBar()] if enabled else []}
+
+
 class InversionModule(L.LightningModule):
     """Runs ``method`` over the test dataloader's batches and records everything per image.
 
@@ -119,6 +190,10 @@ class InversionModule(L.LightningModule):
         self.metrics: dict | None = None
 
     def on_test_start(self) -> None:
+        if self.trainer.is_global_zero:
+            # metrics.json exists only for a finished run: a rerun killed half-way must not leave
+            # the previous run's summary beside some recomputed images.
+            (self.output_dir / "metrics.json").unlink(missing_ok=True)
         self.lpips, self.lpips_spec = load_lpips(self.lpips_net, device=self.device)
         datamodule = self.trainer.datamodule
         self.method.prepare(datamodule.captions if datamodule is not None else [])
@@ -150,7 +225,9 @@ class InversionModule(L.LightningModule):
             "method": self.method.config(),
             "num_inference_steps": d.schedule.num_steps,
             "inversion_timestep": d.inversion_timestep,
-            "scheduler": dict(d.pipe.scheduler.config),
+            # Without diffusers' bookkeeping keys: _use_default_values is a set, listed in a
+            # different order by each process, so identical runs would differ.
+            "scheduler": {k: v for k, v in d.pipe.scheduler.config.items() if not k.startswith("_")},
             **self.record,
             **provenance(),
             "result": result,
@@ -172,6 +249,8 @@ class InversionModule(L.LightningModule):
             self.invert_batch([batch["ids"][b] for b in todo], [batch["captions"][b] for b in todo], batch["images"][todo])
 
     def invert_batch(self, ids: list[str], captions: list[str], images: torch.Tensor) -> None:
+        for image_id in ids:  # before the PNG is rewritten: see invalidate_artifact
+            invalidate_artifact(self.output_dir / "inversions" / image_id)
         images = images.to(self.device)
         target = images.float() / 255
         seeds = [image_seed(self.seed, i) for i in ids]

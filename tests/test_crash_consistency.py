@@ -1,0 +1,189 @@
+"""A run killed with SIGKILL at any point, then rerun, ends exactly like an uninterrupted run, and
+no kill ever leaves a half-written file that looks complete.
+
+The kill points are found by watching the run from outside (its progress bar on stderr and its
+output folder), with no hooks in the product code:
+
+1. between images: as soon as the bar reports the first image done;
+2. inside an image: on the rerun, a fraction of an image's time after the first (reused) image;
+3. while writing an image's outputs: the first temporary file or PNG of the second image;
+4. while writing the summary: the first sight of metrics.json or its temporary file.
+"""
+
+import json
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from helpers import FAST, nulltext_command
+from nulltext.artifacts import load_artifact
+from nulltext.data import SAMPLE_IDS
+
+IDS = list(SAMPLE_IDS[:3])
+COMMAND = [
+    *FAST,
+    "inversion=null_text",
+    "inversion.num_inner_steps=2",
+    f"data.limit={len(IDS)}",
+    "trainer.enable_progress_bar=true",  # the test reads it to know where the run is
+]
+BAR = re.compile(rb"\| (\d+)/(\d+) \[")
+
+
+class Run:
+    """``nulltext`` in a subprocess; a thread follows the images-done count on its progress bar."""
+
+    def __init__(self, run_dir: Path, cwd: Path):
+        command, env = nulltext_command(*COMMAND, f"hydra.run.dir={run_dir}")
+        self.stdout = cwd / f"stdout-{time.monotonic_ns()}.txt"
+        with self.stdout.open("wb") as out:
+            self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.PIPE)
+        self.images_done = -1  # -1: the bar has not appeared yet
+        self.stderr = b""
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while chunk := self.process.stderr.read1(65536):
+            with self._changed:
+                self.stderr += chunk
+                counts = BAR.findall(self.stderr[-4096:])
+                if counts:
+                    self.images_done = int(counts[-1][0])
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_images(self, n: int, timeout: float = 600) -> None:
+        with self._changed:
+            finished = self._changed.wait_for(lambda: self.images_done >= n or self.process.poll() is not None, timeout)
+        assert finished and self.images_done >= n, self.stderr[-3000:].decode(errors="replace")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self._reader.join()
+
+    def finish(self) -> str:
+        assert self.process.wait(timeout=600) == 0, self.stderr[-3000:].decode(errors="replace")
+        self._reader.join()
+        return self.stdout.read_text()
+
+
+def kill_when(run: Run, appeared, timeout: float = 600) -> None:
+    """SIGKILL ``run`` the moment ``appeared()`` is true (polled as fast as Python can)."""
+    deadline = time.monotonic() + timeout
+    while not appeared():
+        assert run.process.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline
+    run.kill()
+
+
+def temporaries(run_dir: Path) -> set[Path]:
+    """Files of atomic writes cut short: hidden and named .tmp, so they look unfinished."""
+    return set(run_dir.rglob(".*.tmp"))
+
+
+def visible_files(run_dir: Path) -> list[Path]:
+    files = (p.relative_to(run_dir) for p in run_dir.rglob("*") if p.is_file())
+    return sorted(p for p in files if not any(part.startswith(".") for part in p.parts))
+
+
+def without_run_specifics(value, run_dir: Path):
+    """JSON content with timings dropped and the run folder's path made neutral."""
+    if isinstance(value, dict):
+        return {k: without_run_specifics(v, run_dir) for k, v in value.items() if k not in ("seconds", "seconds_mean")}
+    if isinstance(value, list):
+        return [without_run_specifics(v, run_dir) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(run_dir), "<run>")
+    return value
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def assert_same_image_outputs(run_dir: Path, reference: Path, image_id: str) -> None:
+    ours, theirs = (d / "inversions" / f"{image_id}.safetensors" for d in (run_dir, reference))
+    a, b = load_file(str(ours)), load_file(str(theirs))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), image_id
+    ours, theirs = (json.loads((d / "inversions" / f"{image_id}.json").read_text()) for d in (run_dir, reference))
+    assert without_run_specifics(ours, run_dir) == without_run_specifics(theirs, reference), image_id
+    assert np.array_equal(pixels(run_dir / "images" / f"{image_id}.png"), pixels(reference / "images" / f"{image_id}.png"))
+
+
+def assert_nothing_half_written(run_dir: Path, reference: Path) -> list[str]:
+    """Every file that looks complete is complete and consistent; returns the finished images."""
+    for path in map(run_dir.joinpath, visible_files(run_dir)):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.suffix == ".png":
+            pixels(path)
+    finished = sorted(p.stem for p in (run_dir / "inversions").glob("*.json")) if (run_dir / "inversions").exists() else []
+    for image_id in finished:
+        # The artifact JSON marks an image complete: all its files are there, and are the final ones.
+        load_artifact(run_dir / "inversions" / f"{image_id}.json")
+        assert_same_image_outputs(run_dir, reference, image_id)
+    if (run_dir / "metrics.json").exists():
+        assert finished == sorted(IDS)
+    return finished
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    Run(reference, tmp_path).finish()
+    ref_metrics = json.loads((reference / "metrics.json").read_text())
+    assert [r["id"] for r in ref_metrics["images"]] == IDS and ref_metrics["num_failed"] == 0
+
+    run_dir = tmp_path / "run"
+    # 1. Between images: the first image is done (the bar moves after its files are written).
+    run = Run(run_dir, tmp_path)
+    run.wait_for_images(1)
+    run.kill()
+    assert assert_nothing_half_written(run_dir, reference) == sorted(IDS[:1])
+
+    # 2. Inside an image: the rerun reuses the first image at once, then works on the second.
+    run = Run(run_dir, tmp_path)
+    run.wait_for_images(1)
+    time.sleep(0.25 * ref_metrics["images"][1]["seconds"])
+    run.kill()
+    assert assert_nothing_half_written(run_dir, reference) == sorted(IDS[:1])
+
+    # 3. While writing the second image's outputs (PNG, then tensors, then the artifact JSON).
+    second_png = run_dir / "images" / f"{IDS[1]}.png"
+    left_before = temporaries(run_dir)
+    run = Run(run_dir, tmp_path)
+    kill_when(run, lambda: second_png.exists() or bool(temporaries(run_dir) - left_before))
+    print("killed while writing; files of", IDS[1], sorted(p.name for p in run_dir.rglob(f"*{IDS[1]}*")))
+    assert set(assert_nothing_half_written(run_dir, reference)) <= set(IDS[:2])
+
+    # 4. While writing metrics.json (or just after, if the write was quicker than the poll).
+    metrics = run_dir / "metrics.json"
+    run = Run(run_dir, tmp_path)
+    kill_when(run, lambda: metrics.exists() or any(p.name.startswith(".metrics.json.") for p in run_dir.iterdir()))
+    print("killed while writing the summary:", sorted(p.name for p in run_dir.glob("*metrics.json*")))
+    assert_nothing_half_written(run_dir, reference)
+
+    # The last rerun finishes; every image is the uninterrupted run's, bit for bit.
+    stdout = Run(run_dir, tmp_path).finish()
+    assert assert_nothing_half_written(run_dir, reference) == sorted(IDS)
+    assert stdout.count("reusing the stored result") == len(IDS)
+    assert without_run_specifics(json.loads(metrics.read_text()), run_dir) == without_run_specifics(ref_metrics, reference)
+    # The same files (csv/ aside: Lightning's log of what each process itself computed).
+    outputs = lambda d: [p for p in visible_files(d) if p.parts[0] != "csv"]  # noqa: E731
+    assert outputs(run_dir) == outputs(reference)
