@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion, guide, step_embedding
+from nulltext.diffusion import Diffusion, SamplingHooks, step_embedding
 from nulltext.editing.attention import (
     AttentionController,
     AttentionRefine,
@@ -28,7 +28,7 @@ from nulltext.editing.attention import (
     attention_control,
 )
 from nulltext.editing.errors import EditError
-from nulltext.methods.base import Inversion
+from nulltext.methods import Inversion, method_class
 from nulltext.reconstruction import to_uint8
 
 MODES = ("replace", "refine", "reweight", "sdedit", "none")
@@ -141,6 +141,9 @@ def _local_blend(settings: EditSettings) -> LocalBlend:
 
 
 def _check_inversion(inversion: Inversion) -> None:
+    method = method_class(inversion.method)
+    if not method.editable:
+        raise EditError(f"{method.name} inversions cannot be edited here ({method.edit_instead})")
     if inversion.uncond is None or inversion.cond is None:
         raise EditError("this inversion has no embeddings (a VAE reconstruction); only sampled inversions can be edited")
     if inversion.z_T.shape[0] != 1:
@@ -165,13 +168,17 @@ def sample_prompts(
     guidance_scale: float,
     controller: AttentionController | None = None,
     start: int = 0,
+    hooks: SamplingHooks | None = None,
 ) -> Tensor:
     """Guided DDIM sampling of P prompts from ``z`` [1|P, C, h, w], steps ``start``..S-1.
 
     ``uncond`` [1, S|1, L, D] is broadcast to every prompt; ``conds`` is [P, S|1, L, D]. One UNet
     call per step on ``[z; z]`` with context ``[null_i x P; C_1..C_P]`` (Diffusion.guided_output's
-    layout), then the controller's step callback (local blend). Returns the final latents [P, ...].
+    layout), the inversion method's ``hooks`` (its guidance rule and its correction after the
+    step, e.g. direct inversion's offsets), then the controller's step callback (local blend).
+    Returns the final latents [P, ...].
     """
+    hooks = hooks or SamplingHooks(conds.shape[0])
     prompts = conds.shape[0]
     z = z.expand(prompts, *z.shape[1:]).clone()
     uncond, conds = uncond.to(z.device), conds.to(z.device)
@@ -182,7 +189,7 @@ def sample_prompts(
         if controller is not None:
             controller.begin_step(i)
         out_u, out_c = diffusion.model_output(torch.cat([z, z]), t, torch.cat([u, c])).chunk(2)
-        z = diffusion.schedule.denoise_step(guide(out_u, out_c, guidance_scale), t, z)
+        z = hooks.after_step(i, diffusion.schedule.denoise_step(hooks.guide(i, out_u, out_c, guidance_scale), t, z))
         if controller is not None:
             z = controller.step_callback(z)
             controller.end_step()
@@ -224,12 +231,13 @@ def edit(
     prompts = [inversion.prompts[0], *target_prompts]
     z_T = inversion.z_T.to(diffusion.device)
     conds = prompt_conditions(diffusion, inversion, target_prompts)
+    hooks = method_class(inversion.method).sampling_hooks(diffusion, inversion, rows=len(prompts))
     if controller is None:
-        latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w)
+        latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, hooks=hooks)
     else:
         controller.prepare(prompts, diffusion.tokenizer, diffusion.schedule.num_steps, tuple(z_T.shape[-2:]))
         with attention_control(diffusion.unet, controller):
-            latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller)
+            latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller, hooks=hooks)
     images = to_uint8(diffusion.decode(latents))
     blend = ControllerGroup(controller).find(LocalBlend) if controller is not None else None
     latent_masks = masks = None
