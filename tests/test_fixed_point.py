@@ -1,10 +1,13 @@
 """Fixed-point inversion: one iteration is DDIM inversion, more iterations solve the implicit step better."""
 
+import random
+
 import pytest
 import torch
 
 from nulltext.diffusion import Diffusion
-from nulltext.methods import FixedPointInversion
+from nulltext.methods import FixedPointInversion, ReNoiseInversion
+from nulltext.methods.fixed_point import autocorrelation_loss, patch_kl
 from nulltext.validation import SettingError
 
 STEPS = 5
@@ -78,3 +81,62 @@ def test_one_step_equals_a_plain_implicit_iteration(setup, tiny_pipe):
 def test_bad_settings_are_one_line_errors(settings):
     with pytest.raises(SettingError, match="is not allowed"):
         FixedPointInversion(**settings)
+
+
+def test_renoise_step_equals_a_plain_reimplementation(setup, tiny_pipe):
+    """Paper Table 3 for SD: estimates 0 and 1 averaged below t = 250, estimate 1 alone above."""
+    diffusion, z0 = setup
+    _, cond = embeddings(diffusion, ["a cat", "a dog"])
+    abar = tiny_pipe.scheduler.alphas_cumprod
+    pivot = diffusion.ddim_inversion(z0, cond)
+    method = ReNoiseInversion()
+    for k in (0, 3):  # t = 1 (< 250, average) and t = 601 (renoised estimate only)
+        t, z_s = diffusion.timesteps[-1 - k], pivot[:, k]
+        a_s = abar[t - 1000 // STEPS].item() if k else abar[0].item()
+        a_t = abar[t].item()
+
+        def step(eps):
+            return a_t**0.5 * (z_s - (1 - a_s) ** 0.5 * eps) / a_s**0.5 + (1 - a_t) ** 0.5 * eps
+
+        with torch.no_grad():
+            e0 = tiny_pipe.unet(z_s, t, encoder_hidden_states=cond).sample
+            e1 = tiny_pipe.unet(step(e0), t, encoder_hidden_states=cond).sample
+            expected = step((e0 + e1) / 2 if t < 250 else e1)
+            got = method.solve(diffusion, z_s, t, None, cond, method.start(diffusion, z0, [0, 1]))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, step(e0), atol=1e-4), "averaging changes the DDIM step"
+
+
+def test_renoise_without_renoising_is_ddim_inversion(setup):
+    diffusion, z0 = setup
+    method = ReNoiseInversion(num_renoise_steps=0, average_low=[0, 1], average_high=[0, 1])
+    inversion = method.invert(diffusion, z0, ["a cat", "a dog"], [0, 1])
+    _, cond = embeddings(diffusion, ["a cat", "a dog"])
+    torch.testing.assert_close(inversion.pivot, diffusion.ddim_inversion(z0, cond), rtol=1e-6, atol=1e-6)
+
+
+def test_noise_regularization_lowers_its_losses_and_is_per_image(setup):
+    diffusion, z0 = setup
+    method = ReNoiseInversion(noise_regularization=True)
+    state = method.start(diffusion, z0, [0, 1])
+    correlated = torch.nn.functional.avg_pool2d(torch.randn(2, 4, 18, 18, generator=torch.Generator().manual_seed(0)), 3, stride=1) * 3
+    reference = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    regularized = method.regularize(correlated, reference, state)
+    for b in range(2):
+        assert patch_kl(regularized[b], reference[b]) < patch_kl(correlated[b], reference[b])
+        rolls = lambda: random.Random(0)  # noqa: E731 (the same rolls before and after)
+        assert autocorrelation_loss(regularized[b], rolls()) < autocorrelation_loss(correlated[b], rolls())
+    # The inversion of an image does not depend on its batch (per-image draws and rolls).
+    both = method.invert(diffusion, z0, ["a cat", "a dog"], [5, 6])
+    alone = method.invert(diffusion, z0[1:], ["a dog"], [6])
+    # Equal up to batched-UNet rounding (other rolls or draws would differ by O(0.1)).
+    torch.testing.assert_close(both.z_T[1:], alone.z_T, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"num_renoise_steps": -1}, "num_renoise_steps"), ({"average_low": [1, 1]}, "average_low"), ({"average_high": [0, 3]}, "average_high"), ({"noise_regularization": "yes"}, "noise_regularization")],
+)
+def test_bad_renoise_settings_are_one_line_errors(settings, message):
+    with pytest.raises(SettingError, match=message):
+        ReNoiseInversion(**settings)

@@ -10,6 +10,7 @@ from nulltext.cli import run_inversion, run_reconstruction
 # Few iterations: the point is the round trip, not the quality.
 METHOD_SETTINGS = {
     "fixed_point": ["inversion.num_iterations=2"],
+    "renoise": ["inversion.noise_regularization=true", "inversion.num_reg_steps=1"],
     "edict": [],
     "bdia": [],
     "direct_inversion": [],

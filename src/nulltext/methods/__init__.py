@@ -5,7 +5,7 @@ from nulltext.methods.base import Inversion, InversionMethod, image_seed
 from nulltext.methods.baselines import DDIMInversion, NegativePromptInversion, VAEReconstruction
 from nulltext.methods.denoising import NullTextNoPivot, TextualInversion
 from nulltext.methods.exact import BDIAInversion, EDICTInversion
-from nulltext.methods.fixed_point import FixedPointInversion
+from nulltext.methods.fixed_point import FixedPointInversion, ReNoiseInversion
 from nulltext.methods.global_null_text import GlobalNullTextInversion
 from nulltext.methods.pnp import DirectInversion, ProximalNegativePromptInversion
 from nulltext.methods.null_text import NullTextInversion, RandomCaptionNullText, RandomPivotNullText, TextualInversionPivot
@@ -30,6 +30,7 @@ METHODS: dict[str, type[InversionMethod]] = {
         BDIAInversion,
         DirectInversion,
         ProximalNegativePromptInversion,
+        ReNoiseInversion,
     )
 }
 
