@@ -134,7 +134,7 @@ def test_proximal_step_equals_a_plain_reimplementation(setup):
     out_u, out_c = torch.randn(2, 2, *z0.shape[1:], generator=generator)
     z = torch.randn(2, *z0.shape[1:], generator=generator)
     i = 3  # t = 201 < recon_t
-    got_eps, got_z = hooks.guide(i, out_u, out_c, 7.5), None
+    got_eps = hooks.guide(i, out_u, out_c, 7.5)
     got_z = hooks.after_step(i, z)
     delta = out_c - out_u
     tau = delta.abs().flatten().quantile(0.7)
