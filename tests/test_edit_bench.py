@@ -108,6 +108,8 @@ def test_cli_edit_bench_rejects_bad_settings(tmp_path):
         run_edit_bench(cfg)
     with composed("edit_bench", ["methods=[null_text,vae]"], tmp_path) as cfg, pytest.raises(EditError, match="vae: a VAE reconstruction"):
         run_edit_bench(cfg)
+    with composed("edit_bench", ["methods=[null_text,edict]"], tmp_path) as cfg, pytest.raises(EditError, match="Prompt-to-Prompt editing for: edict"):
+        run_edit_bench(cfg)
     with composed("edit_bench", ["methods=[null_text,bogus]"], tmp_path) as cfg, pytest.raises(UnknownNameError, match="bogus"):
         run_edit_bench(cfg)
     assert not (tmp_path / "edit_bench.json").exists()

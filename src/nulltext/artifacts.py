@@ -1,7 +1,8 @@
 """Inversion artifacts: ``<id>.safetensors`` (tensors) plus ``<id>.json`` (everything else).
 
-An artifact holds what reconstruction needs -- z_T and the per-step (or shared) embeddings -- and
-the settings that made it, so ``nulltext reconstruct`` or :func:`load_artifact` reproduces the
+An artifact holds what reconstruction needs -- z_T, the per-step (or shared) embeddings, and for
+methods with a sampler of their own its name, settings and tensors (``extras.<name>``) -- and the
+settings that made it, so ``nulltext reconstruct`` or :func:`load_artifact` reproduces the
 reconstruction exactly.
 """
 
@@ -17,6 +18,7 @@ from nulltext.io import atomic_write, atomic_write_json
 from nulltext.methods.base import Inversion
 
 FORMAT_VERSION = 1
+EXTRAS = "extras."  # prefix of a method's own tensors in the safetensors file
 
 
 def invalidate_artifact(stem: str | Path) -> None:
@@ -34,6 +36,7 @@ def save_artifact(stem: str | Path, inversion: Inversion, metadata: dict) -> Pat
     if inversion.uncond is not None:
         tensors["uncond"] = inversion.uncond[0]
         tensors["cond"] = inversion.cond[0]
+    tensors.update({EXTRAS + k: v[0] for k, v in inversion.extras.items()})
     # clone: safetensors refuses tensors that share storage (negative-prompt uses one for both).
     tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp)))
@@ -42,6 +45,7 @@ def save_artifact(stem: str | Path, inversion: Inversion, metadata: dict) -> Pat
         "prompt": inversion.prompts[0],
         "guidance_scale": inversion.guidance_scale,
         "iterations": inversion.iterations[0],
+        "sampler": {"method": inversion.method, "settings": inversion.settings},
         **metadata,
     }
     return atomic_write_json(stem.with_suffix(".json"), record)
@@ -62,5 +66,8 @@ def load_artifact(path: str | Path) -> tuple[Inversion, dict]:
         prompts=[record["prompt"]],
         guidance_scale=record["guidance_scale"],
         iterations=[record["iterations"]],
+        method=record.get("sampler", {}).get("method"),
+        settings=record.get("sampler", {}).get("settings", {}),
+        extras={k[len(EXTRAS) :]: v for k, v in with_batch.items() if k.startswith(EXTRAS)},
     )
     return inversion, record

@@ -45,6 +45,16 @@ def move_to_level(x0_hat: Tensor, eps: Tensor, alpha_to: float) -> Tensor:
     return math.sqrt(alpha_to) * x0_hat + math.sqrt(1 - alpha_to) * eps
 
 
+def ddim_map(z: Tensor, eps: Tensor, alpha_from: float, alpha_to: float) -> Tensor:
+    """Phi_{s->r}(z, eps): the latent ``z`` at level ``alpha_from`` moved to ``alpha_to`` along ``eps``.
+
+    DDIM eq. (12) with sigma = 0 written for a given noise estimate: sampling when ``alpha_to`` is
+    the larger alpha-bar, inversion otherwise. Methods that evaluate the UNet on another latent than
+    the one they move (EDICT, BDIA, fixed-point inversion) convert its output to eps first.
+    """
+    return move_to_level((z - math.sqrt(1 - alpha_from) * eps) / math.sqrt(alpha_from), eps, alpha_to)
+
+
 @dataclass(frozen=True)
 class DDIMSchedule:
     """The alpha-bar table and inference timesteps of a DDIM sampler, and its two step directions.

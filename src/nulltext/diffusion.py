@@ -8,14 +8,15 @@ classifier-free guidance with the unconditional half first, and DDIM in both dir
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
 
-from nulltext.ddim import DDIMSchedule
+from nulltext.ddim import DDIMSchedule, split_model_output
 from nulltext.models import pipeline_shape
 from nulltext.validation import check_choice, check_float, check_int
 
@@ -121,6 +122,14 @@ class Diffusion:
         out_u, out_c = self.model_output(torch.cat([z, z]), t, torch.cat([uncond, cond])).chunk(2)
         return guide(out_u, out_c, guidance_scale)
 
+    def noise_estimate(self, z: Tensor, t: int, uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+        """eps_w(z, t): the guided output on ``z`` at ``t`` as a noise estimate (v-prediction converted).
+
+        For methods that move another latent than the one the UNet saw (EDICT, BDIA, fixed point).
+        """
+        out = self.guided_output(z, t, uncond, cond, guidance_scale)
+        return split_model_output(out, z, self.schedule.alpha(t), self.schedule.prediction_type)[1]
+
     # -- trajectories -----------------------------------------------------------------------
     @torch.no_grad()
     def ddim_inversion(self, z0: Tensor, cond: Tensor, uncond: Tensor | None = None, guidance_scale: float = 1.0) -> Tensor:
@@ -139,20 +148,69 @@ class Diffusion:
         return torch.stack(latents, dim=1)
 
     @torch.no_grad()
-    def sample(self, z_T: Tensor, uncond: Tensor, cond: Tensor, guidance_scale: float | None = None) -> Tensor:
+    def sample(
+        self, z_T: Tensor, uncond: Tensor, cond: Tensor, guidance_scale: float | None = None, hooks: "SamplingHooks | None" = None
+    ) -> Tensor:
         """Guided DDIM sampling from z_T; returns the trajectory [B, S+1, C, h, w] (index 0 = z_T).
 
         ``uncond`` / ``cond`` are [B, S, L, D] (one embedding per step) or [B, 1, L, D] (shared by
-        all steps): ALGORITHM.md section 5, with null_i at step i.
+        all steps): ALGORITHM.md section 5, with null_i at step i. ``hooks`` replace the guidance
+        rule and correct the latents after each step (methods such as direct inversion).
         """
         w = self.guidance_scale if guidance_scale is None else guidance_scale
         z = z_T
         latents = [z]
         for i, t in enumerate(self.timesteps):
-            out = self.guided_output(z, t, step_embedding(uncond, i), step_embedding(cond, i), w)
+            u, c = step_embedding(uncond, i), step_embedding(cond, i)
+            if hooks is None:
+                out = self.guided_output(z, t, u, c, w)
+            else:
+                out = hooks.guide(i, *self.model_output(torch.cat([z, z]), t, torch.cat([u, c])).chunk(2), w)
             z = self.schedule.denoise_step(out, t, z)
+            if hooks is not None:
+                z = hooks.after_step(i, z)
             latents.append(z)
         return torch.stack(latents, dim=1)
+
+    @contextlib.contextmanager
+    def unet_dtype(self, dtype: torch.dtype) -> Iterator[None]:
+        """Run the UNet in ``dtype`` (float64 for the exact methods) and restore it afterwards.
+
+        float32 -> float64 -> float32 is lossless, so the weights come back bit for bit.
+        """
+        original = self.unet.dtype
+        if dtype == original:
+            yield
+            return
+        self.unet.to(dtype)
+        try:
+            yield
+        finally:
+            self.unet.to(original)
+
+
+class SamplingHooks:
+    """Per-step changes a method makes to guided DDIM sampling, in reconstruction and in editing.
+
+    The batch is B groups of ``rows`` consecutive rows, one group per image: row 0 of a group is
+    the image's source row, the others its edits (``rows`` = 1 in reconstruction). The defaults
+    are plain classifier-free guidance and no correction.
+    """
+
+    def __init__(self, rows: int = 1):
+        self.rows = rows
+
+    def guide(self, i: int, out_uncond: Tensor, out_cond: Tensor, guidance_scale: float) -> Tensor:
+        """The guided output of step ``i`` from the two halves of the UNet batch."""
+        return guide(out_uncond, out_cond, guidance_scale)
+
+    def after_step(self, i: int, z: Tensor) -> Tensor:
+        """The latents after the DDIM step of step ``i`` (before any local blend)."""
+        return z
+
+    def groups(self, x: Tensor) -> Tensor:
+        """``x`` [B*rows, ...] viewed as [B, rows, ...]."""
+        return x.view(-1, self.rows, *x.shape[1:])
 
 
 def check_sampler_config(config: Mapping[str, Any], max_steps: int) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion
-from nulltext.methods.base import Inversion
+from nulltext.methods import Inversion, method_class
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -25,11 +25,14 @@ class Reconstruction:
 
 @torch.no_grad()
 def reconstruct(diffusion: Diffusion, inversion: Inversion, guidance_scale: float | None = None) -> Reconstruction:
-    """Sample from z_T with the inversion's embeddings (ALGORITHM.md section 5), decode, quantise."""
+    """Sample with the inversion's method (by default guided DDIM from z_T, ALGORITHM.md section 5), decode, quantise.
+
+    Methods that sample in float64 are decoded from float32 latents (the VAE stays float32).
+    """
     if inversion.uncond is None:
         return Reconstruction(to_uint8(diffusion.decode(inversion.z_T)), inversion.z_T, None)
     w = inversion.guidance_scale if guidance_scale is None else guidance_scale
-    trajectory = diffusion.sample(inversion.z_T, inversion.uncond, inversion.cond, w)
+    trajectory = method_class(inversion.method).reconstruct(diffusion, inversion, w).float()
     return Reconstruction(to_uint8(diffusion.decode(trajectory[:, -1])), trajectory[:, -1], trajectory)
 
 

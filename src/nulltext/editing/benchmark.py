@@ -203,6 +203,9 @@ def check_edit_bench(cfg: DictConfig) -> tuple[list[str], dict, dict, dict]:
     unusable = [name for name, m in built.items() if isinstance(m, VAEReconstruction)]
     if unusable:
         raise EditError(f"{', '.join(unusable)}: a VAE reconstruction has no embeddings to edit with; drop it from methods")
+    no_p2p = [f"{name} ({m.edit_instead})" for name, m in built.items() if not m.editable]
+    if no_p2p:
+        raise EditError(f"no Prompt-to-Prompt editing for: {'; '.join(no_p2p)}; drop them from methods")
     return methods, options, settings, built
 
 

@@ -30,7 +30,7 @@ from nulltext.editing.attention import (
 from nulltext.editing.errors import EditError
 from nulltext.editing.sampling import EditOutput, check_inversion, sample_prompts
 from nulltext.editing.sdedit import sdedit
-from nulltext.methods.base import Inversion
+from nulltext.methods import Inversion, method_class
 from nulltext.reconstruction import to_uint8
 from nulltext.validation import SettingError, check_choice, check_float, check_int, check_probability, check_text
 
@@ -213,12 +213,13 @@ def edit(
     prompts = [inversion.prompts[0], *target_prompts]
     z_T = inversion.z_T.to(diffusion.device)
     conds = prompt_conditions(diffusion, inversion, target_prompts)
+    hooks = method_class(inversion.method).sampling_hooks(diffusion, inversion, rows=len(prompts))
     if controller is None:
-        latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w)
+        latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, hooks=hooks)
     else:
         controller.prepare(prompts, diffusion.tokenizer, diffusion.schedule.num_steps, tuple(z_T.shape[-2:]))
         with attention_control(diffusion.unet, controller):
-            latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller)
+            latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller, hooks=hooks)
     images = to_uint8(diffusion.decode(latents))
     blend = ControllerGroup(controller).find(LocalBlend) if controller is not None else None
     latent_masks = masks = None

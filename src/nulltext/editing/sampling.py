@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion, guide, step_embedding
+from nulltext.diffusion import Diffusion, SamplingHooks, step_embedding
 from nulltext.editing.attention import AttentionController
 from nulltext.editing.errors import EditError
-from nulltext.methods.base import Inversion
+from nulltext.methods import Inversion, method_class
 
 
 @dataclass
@@ -29,7 +29,11 @@ class EditOutput:
 
 
 def check_inversion(inversion: Inversion) -> None:
-    """Refuse inversions that cannot be edited: no embeddings (VAE reconstruction) or more than one image."""
+    """Refuse inversions that cannot be edited: a method without Prompt-to-Prompt sampling, no
+    embeddings (VAE reconstruction) or more than one image."""
+    method = method_class(inversion.method)
+    if not method.editable:
+        raise EditError(f"{method.name} inversions cannot be edited here ({method.edit_instead})")
     if inversion.uncond is None or inversion.cond is None:
         raise EditError("this inversion has no embeddings (a VAE reconstruction); only sampled inversions can be edited")
     if inversion.z_T.shape[0] != 1:
@@ -45,13 +49,17 @@ def sample_prompts(
     guidance_scale: float,
     controller: AttentionController | None = None,
     start: int = 0,
+    hooks: SamplingHooks | None = None,
 ) -> Tensor:
     """Guided DDIM sampling of P prompts from ``z`` [1|P, C, h, w], steps ``start``..S-1.
 
     ``uncond`` [1, S|1, L, D] is broadcast to every prompt; ``conds`` is [P, S|1, L, D]. One UNet
     call per step on ``[z; z]`` with context ``[null_i x P; C_1..C_P]`` (Diffusion.guided_output's
-    layout), then the controller's step callback (local blend). Returns the final latents [P, ...].
+    layout), the inversion method's ``hooks`` (its guidance rule and its correction after the
+    step, e.g. direct inversion's offsets), then the controller's step callback (local blend).
+    Returns the final latents [P, ...].
     """
+    hooks = hooks or SamplingHooks(conds.shape[0])
     prompts = conds.shape[0]
     z = z.expand(prompts, *z.shape[1:]).clone()
     uncond, conds = uncond.to(z.device), conds.to(z.device)
@@ -62,7 +70,7 @@ def sample_prompts(
         if controller is not None:
             controller.begin_step(i)
         out_u, out_c = diffusion.model_output(torch.cat([z, z]), t, torch.cat([u, c])).chunk(2)
-        z = diffusion.schedule.denoise_step(guide(out_u, out_c, guidance_scale), t, z)
+        z = hooks.after_step(i, diffusion.schedule.denoise_step(hooks.guide(i, out_u, out_c, guidance_scale), t, z))
         if controller is not None:
             z = controller.step_callback(z)
             controller.end_step()

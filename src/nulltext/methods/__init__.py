@@ -6,7 +6,10 @@ from nulltext.errors import UnknownNameError
 from nulltext.methods.base import Inversion, InversionMethod, image_seed
 from nulltext.methods.baselines import DDIMInversion, NegativePromptInversion, VAEReconstruction
 from nulltext.methods.denoising import NullTextNoPivot, TextualInversion
+from nulltext.methods.exact import BDIAInversion, EDICTInversion
+from nulltext.methods.fixed_point import FixedPointInversion, ReNoiseInversion
 from nulltext.methods.global_null_text import GlobalNullTextInversion
+from nulltext.methods.pnp import DirectInversion, ProximalNegativePromptInversion
 from nulltext.methods.null_text import NullTextInversion, RandomCaptionNullText, RandomPivotNullText, TextualInversionPivot
 from nulltext.methods.reference import OfficialNullTextInversion
 
@@ -24,8 +27,23 @@ METHODS: dict[str, type[InversionMethod]] = {
         NullTextNoPivot,
         NegativePromptInversion,
         OfficialNullTextInversion,
+        FixedPointInversion,
+        EDICTInversion,
+        BDIAInversion,
+        DirectInversion,
+        ProximalNegativePromptInversion,
+        ReNoiseInversion,
     )
 }
+
+
+def method_class(name: str | None) -> type[InversionMethod]:
+    """The class whose sampler reconstructs an inversion named ``name`` (None: plain guided DDIM)."""
+    if name is None:
+        return InversionMethod
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown inversion method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def make_method(name: str, **overrides) -> InversionMethod:
@@ -49,4 +67,4 @@ def method_options(cls: type[InversionMethod]) -> list[str]:
     return []
 
 
-__all__ = ["METHODS", "Inversion", "InversionMethod", "image_seed", "make_method", "method_options", *[c.__name__ for c in METHODS.values()]]
+__all__ = ["METHODS", "Inversion", "InversionMethod", "image_seed", "make_method", "method_class", "method_options", *[c.__name__ for c in METHODS.values()]]

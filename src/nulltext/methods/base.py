@@ -10,7 +10,7 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from nulltext.diffusion import Diffusion
+from nulltext.diffusion import Diffusion, SamplingHooks
 from nulltext.validation import SettingError, check_float
 
 
@@ -21,7 +21,9 @@ class Inversion:
     Reconstruction is guided DDIM sampling from ``z_T`` with ``uncond[:, i]`` / ``cond[:, i]`` at
     step i (second axis of length S, or 1 when one embedding serves every step), at
     ``guidance_scale``. ``uncond is None`` means no sampling: the reconstruction is decode(z_T)
-    (the VAE bound).
+    (the VAE bound). Methods with a sampler of their own name themselves in ``method`` (their
+    :meth:`InversionMethod.reconstruct` then runs) and keep what it needs in ``settings`` (JSON
+    values) and ``extras`` (tensors batched on axis 0); artifacts store all three.
     """
 
     z_T: Tensor
@@ -34,6 +36,9 @@ class Inversion:
     extra_guidance_scales: tuple[float, ...] = ()
     # Per-image loss after every optimisation pass or report interval, for methods that record one.
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
+    method: str | None = None  # name in METHODS of the method that samples it; None: guided DDIM
+    settings: dict = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     def select(self, b: int) -> "Inversion":
         """The record of image ``b`` alone (a batch of one)."""
@@ -48,6 +53,9 @@ class Inversion:
             pivot=pick(self.pivot),
             extra_guidance_scales=self.extra_guidance_scales,
             curves={k: [v[b]] for k, v in self.curves.items()},
+            method=self.method,
+            settings=self.settings,
+            extras={k: pick(v) for k, v in self.extras.items()},
         )
 
 
@@ -84,6 +92,9 @@ class InversionMethod(ABC):
     """
 
     name: ClassVar[str]
+    # Whether ``nulltext edit`` can apply Prompt-to-Prompt to its inversions; if not, what to use.
+    editable: ClassVar[bool] = True
+    edit_instead: ClassVar[str] = ""
 
     def __init__(self, extra_guidance_scales: Sequence[float] = ()):
         if isinstance(extra_guidance_scales, (str, bytes)) or not isinstance(extra_guidance_scales, Sequence):
@@ -101,6 +112,25 @@ class InversionMethod(ABC):
 
         Methods that optimise for many iterations call ``monitor`` along the way (the others ignore it).
         """
+
+    @classmethod
+    def sampling_hooks(cls, diffusion: Diffusion, inversion: Inversion, rows: int) -> SamplingHooks | None:
+        """How this method changes guided DDIM sampling of ``inversion`` (None: it does not).
+
+        ``rows`` prompts share each image (1 to reconstruct; source plus targets to edit).
+        """
+        return None
+
+    @classmethod
+    def reconstruct(cls, diffusion: Diffusion, inversion: Inversion, guidance_scale: float) -> Tensor:
+        """The sampled trajectory [B, S+1, C, h, w] (index 0 = z_T) that reconstructs ``inversion``.
+
+        Guided DDIM sampling from z_T with the inversion's embeddings (ALGORITHM.md section 5) and
+        the method's :meth:`sampling_hooks`; methods with another sampler override it. A class
+        method: an artifact reconstructs from its stored ``settings`` and ``extras`` alone.
+        """
+        hooks = cls.sampling_hooks(diffusion, inversion, rows=1)
+        return diffusion.sample(inversion.z_T, inversion.uncond, inversion.cond, guidance_scale, hooks=hooks)
 
     def config(self) -> dict:
         """The method's settings, recorded in every artifact."""
