@@ -34,7 +34,7 @@ from nulltext.validation import SettingError, check_choice, check_given, check_i
 
 log = logging.getLogger("nulltext")
 
-TABLE_COLUMNS = ("method", "PSNR", "LPIPS", "VAE PSNR", "iters", "s/image", "images")
+TABLE_COLUMNS = ("method", "PSNR", "LPIPS", "SSIM", "VAE PSNR", "iters", "s/image", "UNet inv/rec", "peak MiB", "images")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -47,9 +47,12 @@ def format_table(rows: list[dict]) -> str:
             m["method"],
             number(m.get("psnr_mean"), ".2f"),
             number(m.get("lpips_mean"), ".4f"),
+            number(m.get("ssim_mean"), ".4f"),
             number(m.get("vae_psnr_mean"), ".2f"),
             number(m.get("iterations_mean"), ".0f"),
             number(m.get("seconds_mean"), ".2f"),
+            f"{number(m.get('inversion_unet_evaluations_mean'), '.0f')}/{number(m.get('reconstruction_unet_evaluations_mean'), '.0f')}",
+            number(m.get("peak_memory_mib_mean"), ".0f"),
             f"{m.get('num_images', 0)}{failed}",
         )
 

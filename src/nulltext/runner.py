@@ -360,6 +360,7 @@ class InversionModule(L.LightningModule):
         ok = [r for r in self.results if r["status"] == "ok"]
         self.metrics = {
             "method": self.method.name,
+            "method_config": self.method.config(),
             **self.record,
             "lpips": self.lpips_spec,
             "ssim": SSIM_SPEC,

@@ -270,6 +270,7 @@ def run_edit_bench(cfg: DictConfig) -> dict:
     report = {
         "methods": methods,
         "method_options": options,
+        "method_configs": {name: method.config() for name, method in built.items()},
         "edit_settings": settings,
         "local_blend": bool(cfg.local_blend),
         "cases": [
