@@ -112,6 +112,14 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     with composed("config", [*common, *budget], sweep / "budgets" / "0_null_text") as cfg:
         run_inversion(cfg)
 
+    # The edit benchmark in the sweep directory, as the experiment's comment runs it: ddim and
+    # null-text with their defaults (null-text's N = 10 job gets its columns, the N = 1 budget none).
+    from nulltext.editing.benchmark import run_edit_bench
+
+    bench_run = ["model=tiny", "diffusion.num_inference_steps=2", "num_cases=2", "grid_cases=0", "methods=[ddim,null_text]"]
+    with composed("edit_bench", bench_run, sweep / "edit_bench") as cfg:
+        bench = run_edit_bench(cfg)
+
     written = build_report(sweep)
     out = sweep / "report"
     assert set(written["comparison"]) == {out / "comparison.png", out / "comparison.svg"}
@@ -119,9 +127,17 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
         assert path.stat().st_size > 10_000
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [r["method"] for r in rows] == ["vae", "ddim", "negative_prompt", "null_text", "null_text"]
-    for row in rows:
-        assert all(value not in ("", "nan", "None") for value in row.values()), row
+    edit_keys = {"edit_success": "success", "edit_background_psnr": "background_psnr",
+                 "edit_background_lpips": "background_lpips", "seconds_edit": "seconds_edit"}
+    joined = {1: "ddim", 4: "null_text"}  # row index -> the benchmark's method
+    for i, row in enumerate(rows):
+        measured = {k: v for k, v in row.items() if k not in edit_keys}
+        assert all(value not in ("", "nan", "None") for value in measured.values()), row
         assert row["images"] == "2"
+        if i in joined:
+            assert {k: float(row[k]) for k in edit_keys} == pytest.approx({k: float(bench[joined[i]][v]) for k, v in edit_keys.items()})
+        else:
+            assert all(row[k] == "" for k in edit_keys), row
     # Budgets, smallest first; null-text never stops early on the random model: S (1 + N + 1) + S.
     assert [(r["variant"], float(r["unet_inversion"])) for r in rows[3:]] == [
         ("Null-text (per step) (num_inner_steps=1)", 2 + 2 * 3),
@@ -132,3 +148,6 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     for method in methods[:3]:
         assert sum(line.startswith(f"| {PAPER_NAMES[method]} |") for line in table.splitlines()) == 1
     assert "n/a" not in table
+    success = f"{100 * float(bench['null_text']['success']):.0f}%"
+    null_text_rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| Null-text (per step) (")]
+    assert [r[-4] for r in null_text_rows] == ["-", success] and "edit_bench/edit_bench.json" in table

@@ -10,7 +10,10 @@ Reads every job's ``metrics.json`` below the directory (no recomputation) and wr
   image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
   it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
   ``comparison.md`` / ``.csv`` (one row per job: PSNR, LPIPS, SSIM, seconds, UNet evaluations of
-  the inversion and of the reconstruction, and peak memory per image);
+  the inversion and of the reconstruction, and peak memory per image). When the directory also holds
+  one ``nulltext edit_bench`` result (``edit_bench.json``), its edit success, background PSNR and
+  LPIPS and seconds per edit join the row of each job whose model, sampler and method settings it
+  ran exactly (others show "-");
 - when the sweep varied the pivot's guidance, ``pivot_guidance.png`` / ``.svg`` (paper Fig. 9).
 
 With ``--wandb`` the curves go to wandb, one run per job grouped by the sweep.
@@ -171,6 +174,36 @@ COMPARISON_COLUMNS = (
 )
 
 
+# Edit-benchmark columns joined to the comparison: (markdown header, CSV name, edit_bench summary key, format).
+EDIT_COLUMNS = (
+    ("edit success", "edit_success", "success", "percent"),
+    ("edit bg PSNR (dB)", "edit_background_psnr", "background_psnr", ".2f"),
+    ("edit bg LPIPS", "edit_background_lpips", "background_lpips", ".4f"),
+    ("s / edit", "seconds_edit", "seconds_edit", ".2f"),
+)
+
+
+def load_edit_bench(sweep_dir: Path) -> dict | None:
+    """The one ``edit_bench.json`` below the sweep directory (None if there is none), with its ``path``."""
+    paths = [p for p in sorted(sweep_dir.glob("**/edit_bench.json")) if "report" not in p.relative_to(sweep_dir).parts]
+    if len(paths) > 1:
+        listed = ", ".join(str(p.parent) for p in paths)
+        raise NulltextError(f"{len(paths)} edit benchmarks under {sweep_dir} ({listed}): keep the one to join to the comparison")
+    return {**json.loads(paths[0].read_text()), "path": str(paths[0].relative_to(sweep_dir))} if paths else None
+
+
+def edit_summary(job: dict, bench: dict | None) -> dict | None:
+    """The edit benchmark's summary of the job's method when the benchmark ran it with the job's exact
+    model, sampler and method settings (a budget sub-sweep's other settings get none)."""
+    if bench is None or job.get("method_config") is None:
+        return None
+    same_setup = all(job.get("config", {}).get(group) == bench["config"].get(group) for group in ("model", "diffusion"))
+    for name, config in bench.get("method_configs", {}).items():
+        if same_setup and config == job["method_config"]:
+            return bench["summary"][name]
+    return None
+
+
 def sweep_order(job: dict) -> tuple[int, int]:
     """Jobs of the sweep itself before those of sub-sweeps (budgets), each in Hydra job order (``<n>_<method>``)."""
     path = Path(job["job_dir"])
@@ -194,14 +227,16 @@ def job_labels(jobs: list[dict]) -> list[str]:
     return labels
 
 
-def comparison_rows(jobs: list[dict]) -> list[dict]:
-    """One row per job (pivot-guidance jobs included), grouped by method in sweep order, smallest budget first."""
+def comparison_rows(jobs: list[dict], bench: dict | None = None) -> list[dict]:
+    """One row per job (pivot-guidance jobs included), grouped by method in sweep order, smallest budget
+    first; ``edit`` is the edit benchmark's summary for the job (:func:`edit_summary`)."""
     labels = job_labels(jobs)
     first: dict[str, int] = {}
     for job in sorted(jobs, key=sweep_order):
         first.setdefault(job["method"], len(first))
     rows = [
         {"label": label, "method": job["method"], "images": len(ok_images(job)), "peak_memory": job.get("peak_memory"),
+         "edit": edit_summary(job, bench),
          **{key: image_stats(job, key) for key in ("iterations", *[c[2] for c in COMPARISON_COLUMNS])}}
         for label, job in zip(labels, jobs)
     ]
@@ -209,21 +244,39 @@ def comparison_rows(jobs: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (first[r["method"]], budget(r)))
 
 
-def comparison_markdown(rows: list[dict]) -> str:
+def edit_cell(edit: dict | None, key: str, fmt: str) -> str:
+    if edit is None:
+        return "-"
+    value = float(edit[key])
+    return f"{100 * value:.0f}%" if fmt == "percent" else format(value, fmt)
+
+
+def comparison_markdown(rows: list[dict], bench: dict | None = None) -> str:
     def cell(value: tuple[float, float] | None, decimals: int, with_std: bool) -> str:
         if value is None:
             return "n/a"
         return f"{value[0]:.{decimals}f} +- {value[1]:.{decimals}f}" if with_std else f"{value[0]:.{decimals}f}"
 
-    headers = ["method", *[c[0] for c in COMPARISON_COLUMNS], "images"]
+    edit_columns = EDIT_COLUMNS if bench is not None else ()
+    headers = ["method", *[c[0] for c in COMPARISON_COLUMNS], "images", *[c[0] for c in edit_columns]]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [cell(row[key], decimals, std) for _, _, key, decimals, std in COMPARISON_COLUMNS]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {row['images']} |")
+        edits = [edit_cell(row["edit"], key, fmt) for _, _, key, fmt in edit_columns]
+        lines.append(f"| {row['label']} | " + " | ".join([*cells, str(row["images"]), *edits]) + " |")
     lines.append(
         "\nMeans over images, +- one standard deviation. Seconds: the inversion alone. UNet evaluations: "
         "rows of UNet batches, counted by a hook on the UNet (guidance's [uncond; cond] call = 2 per image)."
     )
+    if bench is not None:
+        cases = len(bench.get("cases", []))
+        lines.append(
+            f"Edit columns: `nulltext edit_bench` (<sweep dir>/{bench['path']}), Prompt-to-Prompt colour-word swaps on {cases} "
+            f"{bench['config'].get('split', '')} procedural scenes, means over cases: success = the scene checker finds "
+            "every object of the target caption; bg = the edit against the input outside the edited object. "
+            "-: not in the benchmark with this row's settings (the VAE bound and EDICT/BDIA have no Prompt-to-Prompt "
+            "sampler)."
+        )
     for definition in sorted({r["peak_memory"] for r in rows if r["peak_memory"]}):
         lines.append(f"Peak memory of the inversion: {definition}.")
     return "\n".join(lines) + "\n"
@@ -235,13 +288,14 @@ def write_comparison_csv(rows: list[dict], path: Path) -> None:
     header = ["variant", "method"]
     for _, name, _, _, with_std in COMPARISON_COLUMNS:
         header += [f"{name}_mean", f"{name}_std"] if with_std else [name]
-    writer.writerow([*header, "images", "peak_memory_definition"])
+    writer.writerow([*header, "images", "peak_memory_definition", *[c[1] for c in EDIT_COLUMNS]])
     for row in rows:
         values = []
         for _, _, key, _, with_std in COMPARISON_COLUMNS:
             stats = row[key] or (None, None)
             values += list(stats) if with_std else [stats[0]]
-        writer.writerow([row["label"], row["method"], *values, row["images"], row["peak_memory"]])
+        edits = [row["edit"][key] if row["edit"] else None for _, _, key, _ in EDIT_COLUMNS]
+        writer.writerow([row["label"], row["method"], *values, row["images"], row["peak_memory"], *edits])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -386,10 +440,11 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_pro
     table = markdown_table(variants, vae)
     atomic_write_text(out / "ablation.md", table)
     written["tables"] = [out / "ablation.csv", out / "ablation.md"]
-    rows = comparison_rows(jobs)
+    bench = load_edit_bench(sweep_dir)
+    rows = comparison_rows(jobs, bench)
     written["comparison"] = plot_comparison(rows, variants, vae, out / "comparison")
     write_comparison_csv(rows, out / "comparison.csv")
-    comparison = comparison_markdown(rows)
+    comparison = comparison_markdown(rows, bench)
     atomic_write_text(out / "comparison.md", comparison)
     written["tables"] += [out / "comparison.csv", out / "comparison.md"]
     if len({pivot_guidance(j) for j in jobs if j["method"] == "null_text"}) > 1:
