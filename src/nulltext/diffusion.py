@@ -93,6 +93,11 @@ class Diffusion:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
+    def encode_prompts(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """(psi(prompts), psi("") expanded to the same shape): the two embeddings of guided sampling."""
+        cond = self.encode_text(prompts)
+        return cond, self.encode_text([""]).expand_as(cond)
+
     # -- images -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:

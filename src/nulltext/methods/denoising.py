@@ -47,8 +47,7 @@ class TextualInversion(InversionMethod):
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
         schedule, w = diffusion.schedule, diffusion.guidance_scale
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond)
+        cond, null = diffusion.encode_prompts(prompts)
         optimise_uncond = self.variable == "uncond"
         variable = (null if optimise_uncond else cond).clone().requires_grad_(True)
         optimizer = torch.optim.Adam([variable], lr=self.learning_rate)

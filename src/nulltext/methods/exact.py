@@ -153,8 +153,7 @@ class EDICTInversion(_ExactInversion):
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond)
+        cond, null = diffusion.encode_prompts(prompts)
         dtype = DTYPES[self.dtype]
         u, c = null.to(dtype), cond.to(dtype)
         x = y = z0.to(dtype)
@@ -243,8 +242,7 @@ class BDIAInversion(_ExactInversion):
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond)
+        cond, null = diffusion.encode_prompts(prompts)
         dtype, steps = DTYPES[self.dtype], diffusion.schedule.num_steps
         u, c = null.to(dtype), cond.to(dtype)
         z_next = z0.to(dtype)

@@ -55,8 +55,7 @@ class _ImplicitInversion(InversionMethod):
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond)
+        cond, null = diffusion.encode_prompts(prompts)
         state = self.start(diffusion, z0, seeds)
         latents = [z0]
         for t in reversed(diffusion.timesteps):

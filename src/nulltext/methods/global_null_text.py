@@ -42,8 +42,8 @@ class GlobalNullTextInversion(InversionMethod):
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
         schedule, w = diffusion.schedule, diffusion.guidance_scale
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond).clone().requires_grad_(True)
+        cond, null = diffusion.encode_prompts(prompts)
+        null = null.clone().requires_grad_(True)
         pivot = diffusion.ddim_inversion(z0, cond)
         num_steps = schedule.num_steps
         # Adam is elementwise, so one optimizer over the [B, L, D] tensor is B independent ones.

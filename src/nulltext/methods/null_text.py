@@ -95,8 +95,7 @@ class NullTextInversion(InversionMethod):
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
         prompts = self.inversion_prompts(prompts, seeds)
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond)
+        cond, null = diffusion.encode_prompts(prompts)
         pivot = self.pivot(diffusion, z0, cond, null, seeds)
         uncond, cond_steps, iterations = self.optimise(diffusion, pivot, null, cond)
         return Inversion(

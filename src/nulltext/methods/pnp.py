@@ -73,8 +73,7 @@ class DirectInversion(InversionMethod):
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
     ) -> Inversion:
-        cond = diffusion.encode_text(prompts)
-        null = diffusion.encode_text([""]).expand_as(cond)
+        cond, null = diffusion.encode_prompts(prompts)
         pivot = diffusion.ddim_inversion(z0, cond, null, self.inversion_guidance_scale)
         w, steps = diffusion.guidance_scale, diffusion.schedule.num_steps
         offsets = []
