@@ -103,7 +103,7 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
 
     sweep = tmp_path / "sweep"
     common = ["experiment=compare_methods", "model=tiny", "diffusion.num_inference_steps=2", "data.limit=2", "logger=none"]
-    methods = ["vae", "ddim", "negative_prompt", "null_text"]
+    methods = ["vae", "ddim", "negative_prompt", "null_text", "fixed_point"]  # fixed-point samples at its own w = 2
     result = run_nulltext(*common, f"hydra.sweeper.params.inversion='{','.join(methods)}'", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # A budget of the documented sub-sweep (null-text with N = 1 beside the main sweep's N = 10), as
@@ -126,12 +126,13 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     for path in written["comparison"]:
         assert path.stat().st_size > 10_000
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert [r["method"] for r in rows] == ["vae", "ddim", "negative_prompt", "null_text", "null_text"]
+    assert [r["method"] for r in rows] == ["vae", "ddim", "negative_prompt", "null_text", "null_text", "fixed_point"]
     edit_keys = {"edit_success": "success", "edit_background_psnr": "background_psnr",
                  "edit_background_lpips": "background_lpips", "seconds_edit": "seconds_edit"}
+    assert [r["guidance_scale"] for r in rows] == ["", "7.5", "7.5", "7.5", "7.5", "2.0"]
     joined = {1: "ddim", 4: "null_text"}  # row index -> the benchmark's method
     for i, row in enumerate(rows):
-        measured = {k: v for k, v in row.items() if k not in edit_keys}
+        measured = {k: v for k, v in row.items() if k not in {*edit_keys, "guidance_scale"}}
         assert all(value not in ("", "nan", "None") for value in measured.values()), row
         assert row["images"] == "2"
         if i in joined:
@@ -139,11 +140,11 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
         else:
             assert all(row[k] == "" for k in edit_keys), row
     # Budgets, smallest first; null-text never stops early on the random model: S (1 + N + 1) + S.
-    assert [(r["variant"], float(r["unet_inversion"])) for r in rows[3:]] == [
+    assert [(r["variant"], float(r["unet_inversion"])) for r in rows[3:5]] == [
         ("Null-text (per step) (num_inner_steps=1)", 2 + 2 * 3),
         ("Null-text (per step) (num_inner_steps=10)", 2 + 2 * 12),
     ]
-    assert [float(r["unet_reconstruction"]) for r in rows] == [0, 4, 4, 4, 4]
+    assert [float(r["unet_reconstruction"]) for r in rows] == [0, 4, 4, 4, 4, 4]
     table = (out / "comparison.md").read_text()
     for method in methods[:3]:
         assert sum(line.startswith(f"| {PAPER_NAMES[method]} |") for line in table.splitlines()) == 1
@@ -151,3 +152,19 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     success = f"{100 * float(bench['null_text']['success']):.0f}%"
     null_text_rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| Null-text (per step) (")]
     assert [r[-4] for r in null_text_rows] == ["-", success] and "edit_bench/edit_bench.json" in table
+
+
+def test_make_compare_edits_with_every_compared_method_that_has_prompt_to_prompt():
+    import re
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from nulltext.methods import VAEReconstruction, make_method
+
+    root = Path(__file__).resolve().parents[1]
+    swept = OmegaConf.load(root / "conf/experiment/compare_methods.yaml").hydra.sweeper.params.inversion.split(",")
+    editing = re.search(r"^EDITING := (\S+)$", (root / "Makefile").read_text(), re.M)[1].split(",")
+    editable = [m for m in swept if not isinstance(make_method(m), VAEReconstruction) and make_method(m).editable]
+    assert editing == editable
+    assert f"methods='[{','.join(editable)}]'" in (root / "conf/experiment/compare_methods.yaml").read_text()

@@ -9,7 +9,7 @@ Reads every job's ``metrics.json`` below the directory (no recomputation) and wr
 - ``comparison.png`` / ``.svg`` (``experiment=compare_methods``: PSNR and LPIPS against seconds per
   image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
   it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
-  ``comparison.md`` / ``.csv`` (one row per job: PSNR, LPIPS, SSIM, seconds, UNet evaluations of
+  ``comparison.md`` / ``.csv`` (one row per job: the reconstruction's guidance scale, PSNR, LPIPS, SSIM, seconds, UNet evaluations of
   the inversion and of the reconstruction, and peak memory per image). When the directory also holds
   one ``nulltext edit_bench`` result (``edit_bench.json``), its edit success, background PSNR and
   LPIPS and seconds per edit join the row of each job whose model, sampler and method settings it
@@ -204,6 +204,15 @@ def edit_summary(job: dict, bench: dict | None) -> dict | None:
     return None
 
 
+def reconstruction_guidance(job: dict) -> float | None:
+    """The guidance scale the job's reconstruction sampled at: the method's own (methods that must
+    invert and sample at one scale carry it) or the sampler's; None for the VAE bound (no sampling)."""
+    if job["method"] == "vae":
+        return None
+    own = (job.get("method_config") or {}).get("guidance_scale")
+    return float(own if own is not None else job.get("config", {}).get("diffusion", {}).get("guidance_scale"))
+
+
 def sweep_order(job: dict) -> tuple[int, int]:
     """Jobs of the sweep itself before those of sub-sweeps (budgets), each in Hydra job order (``<n>_<method>``)."""
     path = Path(job["job_dir"])
@@ -236,7 +245,7 @@ def comparison_rows(jobs: list[dict], bench: dict | None = None) -> list[dict]:
         first.setdefault(job["method"], len(first))
     rows = [
         {"label": label, "method": job["method"], "images": len(ok_images(job)), "peak_memory": job.get("peak_memory"),
-         "edit": edit_summary(job, bench),
+         "edit": edit_summary(job, bench), "guidance": reconstruction_guidance(job),
          **{key: image_stats(job, key) for key in ("iterations", *[c[2] for c in COMPARISON_COLUMNS])}}
         for label, job in zip(labels, jobs)
     ]
@@ -258,14 +267,16 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None) -> str:
         return f"{value[0]:.{decimals}f} +- {value[1]:.{decimals}f}" if with_std else f"{value[0]:.{decimals}f}"
 
     edit_columns = EDIT_COLUMNS if bench is not None else ()
-    headers = ["method", *[c[0] for c in COMPARISON_COLUMNS], "images", *[c[0] for c in edit_columns]]
+    headers = ["method", "w", *[c[0] for c in COMPARISON_COLUMNS], "images", *[c[0] for c in edit_columns]]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [cell(row[key], decimals, std) for _, _, key, decimals, std in COMPARISON_COLUMNS]
         edits = [edit_cell(row["edit"], key, fmt) for _, _, key, fmt in edit_columns]
-        lines.append(f"| {row['label']} | " + " | ".join([*cells, str(row["images"]), *edits]) + " |")
+        guidance = "-" if row["guidance"] is None else f"{row['guidance']:g}"
+        lines.append(f"| {row['label']} | {guidance} | " + " | ".join([*cells, str(row["images"]), *edits]) + " |")
     lines.append(
-        "\nMeans over images, +- one standard deviation. Seconds: the inversion alone. UNet evaluations: "
+        "\nw: the guidance scale of the reconstruction (the sampler's, or the method's own where it must invert "
+        "and sample at one scale). Means over images, +- one standard deviation. Seconds: the inversion alone. UNet evaluations: "
         "rows of UNet batches, counted by a hook on the UNet (guidance's [uncond; cond] call = 2 per image)."
     )
     if bench is not None:
@@ -285,7 +296,7 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None) -> str:
 def write_comparison_csv(rows: list[dict], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    header = ["variant", "method"]
+    header = ["variant", "method", "guidance_scale"]
     for _, name, _, _, with_std in COMPARISON_COLUMNS:
         header += [f"{name}_mean", f"{name}_std"] if with_std else [name]
     writer.writerow([*header, "images", "peak_memory_definition", *[c[1] for c in EDIT_COLUMNS]])
@@ -295,7 +306,7 @@ def write_comparison_csv(rows: list[dict], path: Path) -> None:
             stats = row[key] or (None, None)
             values += list(stats) if with_std else [stats[0]]
         edits = [row["edit"][key] if row["edit"] else None for _, _, key, _ in EDIT_COLUMNS]
-        writer.writerow([row["label"], row["method"], *values, row["images"], row["peak_memory"], *edits])
+        writer.writerow([row["label"], row["method"], row["guidance"], *values, row["images"], row["peak_memory"], *edits])
     atomic_write_text(path, buffer.getvalue())
 
 
