@@ -189,3 +189,26 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path):
     # The same files (csv/ aside: Lightning's log of what each process itself computed).
     outputs = lambda d: [p for p in visible_files(d) if p.parts[0] != "csv"]  # noqa: E731
     assert outputs(run_dir) == outputs(reference)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_jobs_last_image_ends_the_sweep_after_that_image(tmp_path):
+    # Lightning alone would finish the job (the signal came with its last image) and the next job's
+    # fresh trainer would forget the signal: the sweep would go on.
+    sweep = tmp_path / "sweep"
+    command, env = nulltext_command(
+        "-m", *FAST, "inversion=null_text", "inversion.num_inner_steps=5,1", "data.limit=1",
+        "trainer.enable_progress_bar=true", f"hydra.sweep.dir={sweep}",
+    )
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while b"0/1 [" not in seen:  # the bar of job 0: its trainer (and signal handler) is running
+        chunk = process.stderr.read1(65536)
+        assert chunk, seen[-3000:].decode(errors="replace")
+        seen += chunk
+    process.send_signal(signal.SIGTERM)
+    seen += process.stderr.read()
+    assert process.wait(timeout=600) == 1, seen[-3000:].decode(errors="replace")
+    assert b"stopped by SIGTERM; run the same command again to resume" in seen
+    assert json.loads((sweep / "0_null_text" / "metrics.json").read_text())["num_images"] == 1
+    assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0_null_text"]

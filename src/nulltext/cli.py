@@ -169,6 +169,10 @@ def run_inversion(cfg: DictConfig) -> dict:
         for logger in loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.finish()
+    if trainer.received_sigterm:
+        # Lightning stops after the image in flight, but finishes the run when the signal came during
+        # its last image, and a multirun's next job would start a fresh trainer: end the process here.
+        raise SystemExit("nulltext: stopped by SIGTERM; run the same command again to resume (finished images are kept)")
     # Read back what rank 0 wrote: with spawned DDP processes this process's module saw no results.
     metrics = json.loads((output_dir / "metrics.json").read_text())
     print(format_table([metrics]))
