@@ -245,6 +245,8 @@ class InversionModule(L.LightningModule):
             else:
                 log.info("image %s: reusing the stored result (same config hash %s)", image_id, self.config_hash)
                 self.results.append(done)
+                self.log_image(done)
+                self.log_run_means([done])
         if todo:
             self.invert_batch([batch["ids"][b] for b in todo], [batch["captions"][b] for b in todo], batch["images"][todo])
 
@@ -322,16 +324,26 @@ class InversionModule(L.LightningModule):
             save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b], result))
             self.results.append(result)
             self.log_image(result, images[b], recon.images[b])
-        for key, values in {"psnr": psnr, "lpips": lpips, "ssim": ssim, "vae_psnr": vae_psnr, **extra}.items():
-            self.log(f"test/{key}", values.mean(), batch_size=len(ids), on_epoch=True, sync_dist=True)
-        self.log("test/seconds", seconds, batch_size=len(ids), on_epoch=True, sync_dist=True)
+        self.log_run_means(self.results[-len(ids):])
 
-    def log_image(self, result: dict, image: torch.Tensor, reconstruction: torch.Tensor) -> None:
-        """Per-image values to every logger (step = image index); pictures and curves to wandb."""
+    def log_run_means(self, results: list[dict]) -> None:
+        """``test/*``, which Lightning averages over the run (weighted by image count): from the result
+        records, so that images reused on a resume count as much as recomputed ones."""
+        keys = ("psnr", "lpips", "ssim", "vae_psnr", "seconds", *sorted({k for r in results for k in r if k.startswith("psnr_w")}))
+        for key in keys:
+            values = [float(r[key]) for r in results if key in r]
+            if values:
+                self.log(f"test/{key}", sum(values) / len(values), batch_size=len(values), on_epoch=True, sync_dist=True)
+
+    def log_image(self, result: dict, image: torch.Tensor | None = None, reconstruction: torch.Tensor | None = None) -> None:
+        """Per-image values to every logger (step = image index); pictures and curves to wandb (not
+        for a reused result, whose pictures are already in images/)."""
         step = len([r for r in self.results if r["status"] == "ok"]) - 1
         scalars = {f"image/{k}": v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for logger in self.loggers:
             logger.log_metrics(scalars, step=step)
+        if image is None:
+            return
         wandb_loggers = [lg for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
         for logger in wandb_loggers:
             import wandb
