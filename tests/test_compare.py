@@ -146,6 +146,7 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     ]
     assert [float(r["unet_reconstruction"]) for r in rows] == [0, 4, 4, 4, 4, 4]
     table = (out / "comparison.md").read_text()
+    assert table.startswith("Reconstruction: model tiny, data samples (2 images, ") and ", 2 DDIM steps." in table.splitlines()[0]
     for method in methods[:3]:
         assert sum(line.startswith(f"| {PAPER_NAMES[method]} |") for line in table.splitlines()) == 1
     assert "n/a" not in table

@@ -6,7 +6,7 @@ Reads every job's ``metrics.json`` below the directory (no recomputation) and wr
 - ``ablation.png`` / ``.svg`` (PSNR and LPIPS against optimisation iterations and against seconds,
   mean over images with a +-1 standard deviation band, the VAE upper bound and the DDIM lower bound
   as lines), ``ablation.csv`` (every point), ``ablation.md`` (each variant's final point);
-- ``comparison.png`` / ``.svg`` (``experiment=compare_methods``: PSNR and LPIPS against seconds per
+- ``comparison.png`` / ``.svg`` (``experiment=compare_methods``: PSNR, PSNR below the VAE bound (paired per image) and LPIPS against seconds per
   image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
   it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
   ``comparison.md`` / ``.csv`` (one row per job: the reconstruction's guidance scale, PSNR, LPIPS, SSIM, seconds, UNet evaluations of
@@ -34,7 +34,7 @@ from nulltext.errors import NulltextError
 from nulltext.io import atomic_write, atomic_write_text
 from nulltext.validation import SettingError, check_text
 
-# Display names as in the paper (Mokady et al. 2023, Fig. 4).
+# Display names as in the paper (Mokady et al. 2023, Fig. 4) and in the papers of the later methods.
 PAPER_NAMES = {
     "vae": "VQAE (upper bound)",
     "ddim": "DDIM inversion (lower bound)",
@@ -47,6 +47,13 @@ PAPER_NAMES = {
     "null_text_no_pivot": "Null-text w/o pivot",
     "negative_prompt": "Negative-prompt inversion",
     "null_text_reference": "Null-text (official loop)",
+    # The methods that followed (METHODS.md), by their papers' names.
+    "proximal_negative_prompt": "ProxNPI (proximal guidance)",
+    "direct_inversion": "Direct inversion (PnP Inversion)",
+    "edict": "EDICT",
+    "bdia": "BDIA",
+    "renoise": "ReNoise",
+    "fixed_point": "Fixed-point inversion",
 }
 BOUNDS = ("vae", "ddim")
 
@@ -58,6 +65,7 @@ class Point:
     psnr: tuple[float, float]  # mean, std over images
     lpips: tuple[float, float]
     images: int
+    gap: tuple[float, float] = (float("nan"), float("nan"))  # PSNR below each image's VAE bound, mean, std
 
 
 @dataclass
@@ -100,6 +108,7 @@ def job_points(job: dict) -> list[Point]:
                 psnr=mean_std([p["psnr"] for p in at]),
                 lpips=mean_std([p["lpips"] for p in at]),
                 images=len(at),
+                gap=mean_std([r["vae_psnr"] - p["psnr"] for r, p in zip(ok, at)]),
             )
         )
     return points
@@ -157,8 +166,12 @@ def ok_images(job: dict) -> list[dict]:
 
 
 def image_stats(job: dict, key: str) -> tuple[float, float] | None:
-    """Mean and std over the job's images of ``key`` (None when no image has it, e.g. older runs)."""
-    values = [r[key] for r in ok_images(job) if r.get(key) is not None]
+    """Mean and std over the job's images of ``key`` (None when no image has it, e.g. older runs);
+    ``psnr_gap``: each image's VAE-bound PSNR minus its PSNR (paired, so free of image difficulty)."""
+    if key == "psnr_gap":
+        values = [r["vae_psnr"] - r["psnr"] for r in ok_images(job)]
+    else:
+        values = [r[key] for r in ok_images(job) if r.get(key) is not None]
     return mean_std(values) if values else None
 
 
@@ -246,7 +259,7 @@ def comparison_rows(jobs: list[dict], bench: dict | None = None) -> list[dict]:
     rows = [
         {"label": label, "method": job["method"], "images": len(ok_images(job)), "peak_memory": job.get("peak_memory"),
          "edit": edit_summary(job, bench), "guidance": reconstruction_guidance(job),
-         **{key: image_stats(job, key) for key in ("iterations", *[c[2] for c in COMPARISON_COLUMNS])}}
+         **{key: image_stats(job, key) for key in ("iterations", "psnr_gap", *[c[2] for c in COMPARISON_COLUMNS])}}
         for label, job in zip(labels, jobs)
     ]
     budget = lambda r: tuple((r[key] or (0.0,))[0] for key in ("iterations", "seconds"))  # noqa: E731
@@ -260,7 +273,7 @@ def edit_cell(edit: dict | None, key: str, fmt: str) -> str:
     return f"{100 * value:.0f}%" if fmt == "percent" else format(value, fmt)
 
 
-def comparison_markdown(rows: list[dict], bench: dict | None = None) -> str:
+def comparison_markdown(rows: list[dict], bench: dict | None = None, setting: str = "") -> str:
     def cell(value: tuple[float, float] | None, decimals: int, with_std: bool) -> str:
         if value is None:
             return "n/a"
@@ -268,7 +281,8 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None) -> str:
 
     edit_columns = EDIT_COLUMNS if bench is not None else ()
     headers = ["method", "w", *[c[0] for c in COMPARISON_COLUMNS], "images", *[c[0] for c in edit_columns]]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = [f"Reconstruction: {setting}.\n"] if setting else []
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [cell(row[key], decimals, std) for _, _, key, decimals, std in COMPARISON_COLUMNS]
         edits = [edit_cell(row["edit"], key, fmt) for _, _, key, fmt in edit_columns]
@@ -310,36 +324,58 @@ def write_comparison_csv(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def plot_comparison(rows: list[dict], variants: dict[str, Variant], vae: tuple[float, float], stem: Path) -> list[Path]:
+def setting_line(jobs: list[dict]) -> str:
+    """What the jobs ran on, e.g. "model pocket, data samples (9 images, 32 px), 50 DDIM steps"."""
+    parts = []
+    for job in jobs:
+        steps = job.get("config", {}).get("diffusion", {}).get("num_inference_steps")
+        images = len(job["images"])
+        part = f"model {job.get('model')}, data {job.get('data')} ({images} images, {job.get('resolution')} px), {steps} DDIM steps"
+        if part not in parts:
+            parts.append(part)
+    return "; ".join(parts)
+
+
+def plot_comparison(rows: list[dict], variants: dict[str, Variant], vae: tuple[float, float], stem: Path, setting: str = "") -> list[Path]:
     """Quality against seconds per image: each job a point (+-1 std both ways), a method's points a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    figure, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "vae" and r["seconds"] and r["psnr"]))
     # tab20's dark shades first, then the light ones: neighbouring methods get distinct hues.
     colours = dict(zip(methods, [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]))
-    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "lpips", "LPIPS (alex)")):
+    panels = (
+        (axes[0], "psnr", "PSNR (dB)"),
+        (axes[1], "gap", "PSNR below the VAE bound, paired per image (dB)"),
+        (axes[2], "lpips", "LPIPS (alex)"),
+    )
+    for ax, metric, label in panels:
+        key = "psnr_gap" if metric == "gap" else metric
         for method in methods:
             colour = colours[method]
             curve = variants[method].points if method in variants else []
             if len(curve) > 1:
                 ax.plot([p.seconds for p in curve], [getattr(p, metric)[0] for p in curve], color=colour, linewidth=1, alpha=0.7)
-            for row in (r for r in rows if r["method"] == method and r[metric]):
-                ax.errorbar(row["seconds"][0], row[metric][0], xerr=row["seconds"][1], yerr=row[metric][1],
+            for row in (r for r in rows if r["method"] == method and r[key]):
+                ax.errorbar(row["seconds"][0], row[key][0], xerr=row["seconds"][1], yerr=row[key][1],
                             color=colour, marker="o", markersize=5, capsize=3, linestyle="none")
             ax.plot([], [], color=colour, marker="o", label=PAPER_NAMES.get(method, method))
         if metric == "psnr":
             ax.axhline(vae[0], color="black", linestyle="--", label=PAPER_NAMES["vae"])
+        if metric == "gap":
+            # Linear within 0.01 dB of the bound, logarithmic beyond: exact methods and 7 dB gaps on one axis.
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.axhline(0.0, color="black", linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("seconds per image (inversion)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=4, frameon=False, fontsize=10)
-    figure.suptitle("Inversion methods: reconstruction quality against time (mean over images, bars = +-1 std)")
+    figure.legend(handles, labels, loc="lower center", ncol=5, frameon=False, fontsize=10)
+    figure.suptitle(f"Inversion methods: reconstruction quality against time (mean over images, bars = +-1 std)\n{setting}")
     figure.tight_layout(rect=(0, 0.1, 1, 0.95))
     paths = save_figure(figure, stem)
     plt.close(figure)
@@ -453,9 +489,10 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_pro
     written["tables"] = [out / "ablation.csv", out / "ablation.md"]
     bench = load_edit_bench(sweep_dir)
     rows = comparison_rows(jobs, bench)
-    written["comparison"] = plot_comparison(rows, variants, vae, out / "comparison")
+    setting = setting_line(jobs)
+    written["comparison"] = plot_comparison(rows, variants, vae, out / "comparison", setting)
     write_comparison_csv(rows, out / "comparison.csv")
-    comparison = comparison_markdown(rows, bench)
+    comparison = comparison_markdown(rows, bench, setting)
     atomic_write_text(out / "comparison.md", comparison)
     written["tables"] += [out / "comparison.csv", out / "comparison.md"]
     if len({pivot_guidance(j) for j in jobs if j["method"] == "null_text"}) > 1:
