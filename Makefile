@@ -41,6 +41,7 @@ compare: $(STAMP)
 	$(BIN)/nulltext edit_bench methods='[$(EDITING)]' hydra.run.dir=$(COMPARE)/scenes/edit_bench
 	$(BIN)/nulltext report $(COMPARE)/photos --out docs/compare/photos
 	$(BIN)/nulltext report $(COMPARE)/scenes --out docs/compare/scenes
+	cp $(COMPARE)/scenes/edit_bench/edit_bench.md $(COMPARE)/scenes/edit_bench/grid.png docs/compare/scenes/
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -9,7 +9,7 @@ Reads every job's ``metrics.json`` below the directory (no recomputation) and wr
 - ``comparison.png`` / ``.svg`` (``experiment=compare_methods``: PSNR, PSNR below the VAE bound (paired per image) and LPIPS against seconds per
   image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
   it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
-  ``comparison.md`` / ``.csv`` (one row per job: the reconstruction's guidance scale, PSNR, LPIPS, SSIM, seconds, UNet evaluations of
+  ``comparison.md`` / ``.csv`` (one row per job: the reconstruction's guidance scale, PSNR, PSNR below the VAE bound, LPIPS, SSIM, seconds, UNet evaluations of
   the inversion and of the reconstruction, and peak memory per image). When the directory also holds
   one ``nulltext edit_bench`` result (``edit_bench.json``), its edit success, background PSNR and
   LPIPS and seconds per edit join the row of each job whose model, sampler and method settings it
@@ -178,6 +178,7 @@ def image_stats(job: dict, key: str) -> tuple[float, float] | None:
 # The comparison table: (markdown header, CSV name, per-image key, decimals, with std).
 COMPARISON_COLUMNS = (
     ("PSNR (dB)", "psnr", "psnr", 2, True),
+    ("below the VAE bound (dB)", "psnr_gap", "psnr_gap", 3, True),
     ("LPIPS (alex)", "lpips", "lpips", 4, True),
     ("SSIM", "ssim", "ssim", 4, True),
     ("s / image", "seconds", "seconds", 2, True),
@@ -259,7 +260,7 @@ def comparison_rows(jobs: list[dict], bench: dict | None = None) -> list[dict]:
     rows = [
         {"label": label, "method": job["method"], "images": len(ok_images(job)), "peak_memory": job.get("peak_memory"),
          "edit": edit_summary(job, bench), "guidance": reconstruction_guidance(job),
-         **{key: image_stats(job, key) for key in ("iterations", "psnr_gap", *[c[2] for c in COMPARISON_COLUMNS])}}
+         **{key: image_stats(job, key) for key in ("iterations", *[c[2] for c in COMPARISON_COLUMNS])}}
         for label, job in zip(labels, jobs)
     ]
     budget = lambda r: tuple((r[key] or (0.0,))[0] for key in ("iterations", "seconds"))  # noqa: E731
@@ -290,7 +291,7 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None, setting: st
         lines.append(f"| {row['label']} | {guidance} | " + " | ".join([*cells, str(row["images"]), *edits]) + " |")
     lines.append(
         "\nw: the guidance scale of the reconstruction (the sampler's, or the method's own where it must invert "
-        "and sample at one scale). Means over images, +- one standard deviation. Seconds: the inversion alone. UNet evaluations: "
+        "and sample at one scale). Below the VAE bound: each image's VAE-bound PSNR minus its PSNR. Means over images, +- one standard deviation. Seconds: the inversion alone. UNet evaluations: "
         "rows of UNet batches, counted by a hook on the UNet (guidance's [uncond; cond] call = 2 per image)."
     )
     if bench is not None:
