@@ -278,7 +278,8 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None, setting: st
     def cell(value: tuple[float, float] | None, decimals: int, with_std: bool) -> str:
         if value is None:
             return "n/a"
-        return f"{value[0]:.{decimals}f} +- {value[1]:.{decimals}f}" if with_std else f"{value[0]:.{decimals}f}"
+        mean = value[0] if round(value[0], decimals) else 0.0  # no "-0.000" for a float-noise mean
+        return f"{mean:.{decimals}f} +- {value[1]:.{decimals}f}" if with_std else f"{mean:.{decimals}f}"
 
     edit_columns = EDIT_COLUMNS if bench is not None else ()
     headers = ["method", "w", *[c[0] for c in COMPARISON_COLUMNS], "images", *[c[0] for c in edit_columns]]
@@ -298,7 +299,7 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None, setting: st
         cases = len(bench.get("cases", []))
         lines.append(
             f"Edit columns: `nulltext edit_bench` (<sweep dir>/{bench['path']}), Prompt-to-Prompt colour-word swaps on {cases} "
-            f"{bench['config'].get('split', '')} procedural scenes, means over cases: success = the scene checker finds "
+            f"procedural scenes (split {bench['config'].get('split')}), means over cases: success = the scene checker finds "
             "every object of the target caption; bg = the edit against the input outside the edited object. "
             "-: not in the benchmark with this row's settings (the VAE bound and EDICT/BDIA have no Prompt-to-Prompt "
             "sampler)."
