@@ -298,7 +298,7 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None, setting: st
     if bench is not None:
         cases = len(bench.get("cases", []))
         lines.append(
-            f"Edit columns: `nulltext edit_bench` (<sweep dir>/{bench['path']}), Prompt-to-Prompt colour-word swaps on {cases} "
+            f"Edit columns: `nulltext edit_bench` (`<sweep dir>/{bench['path']}`), Prompt-to-Prompt colour-word swaps on {cases} "
             f"procedural scenes (split {bench['config'].get('split')}), means over cases: success = the scene checker finds "
             "every object of the target caption; bg = the edit against the input outside the edited object. "
             "-: not in the benchmark with this row's settings (the VAE bound and EDICT/BDIA have no Prompt-to-Prompt "
