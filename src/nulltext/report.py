@@ -211,11 +211,10 @@ def edit_summary(job: dict, bench: dict | None) -> dict | None:
     model, sampler and method settings (a budget sub-sweep's other settings get none)."""
     if bench is None or job.get("method_config") is None:
         return None
-    same_setup = all(job.get("config", {}).get(group) == bench["config"].get(group) for group in ("model", "diffusion"))
-    for name, config in bench.get("method_configs", {}).items():
-        if same_setup and config == job["method_config"]:
-            return bench["summary"][name]
-    return None
+    if any(job.get("config", {}).get(group) != bench["config"].get(group) for group in ("model", "diffusion")):
+        return None
+    ran = [name for name, config in bench.get("method_configs", {}).items() if config == job["method_config"]]
+    return bench["summary"][ran[0]] if ran else None
 
 
 def reconstruction_guidance(job: dict) -> float | None:

@@ -234,6 +234,7 @@ class InversionModule(L.LightningModule):
         }
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        first = len(self.results)
         for failure in batch["failures"]:
             log.error("image %s failed: %s", failure["id"], failure["error"])
             self.results.append({"id": failure["id"], "status": "failed", "error": failure["error"]})
@@ -246,9 +247,9 @@ class InversionModule(L.LightningModule):
                 log.info("image %s: reusing the stored result (same config hash %s)", image_id, self.config_hash)
                 self.results.append(done)
                 self.log_image(done)
-                self.log_run_means([done])
         if todo:
             self.invert_batch([batch["ids"][b] for b in todo], [batch["captions"][b] for b in todo], batch["images"][todo])
+        self.log_run_means([r for r in self.results[first:] if r["status"] == "ok"])
 
     def invert_batch(self, ids: list[str], captions: list[str], images: torch.Tensor) -> None:
         for image_id in ids:  # before the PNG is rewritten: see invalidate_artifact
@@ -324,7 +325,6 @@ class InversionModule(L.LightningModule):
             save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b], result))
             self.results.append(result)
             self.log_image(result, images[b], recon.images[b])
-        self.log_run_means(self.results[-len(ids):])
 
     def log_run_means(self, results: list[dict]) -> None:
         """``test/*``, which Lightning averages over the run (weighted by image count): from the result
