@@ -21,11 +21,16 @@ from nulltext.validation import SettingError, check_choice, check_float, check_i
 
 
 class OffsetHooks(SamplingHooks):
-    """Adds the stored offset of step i to every source row after the DDIM step; refuses other scales."""
+    """Adds the stored offset of step i to every source row after the DDIM step; refuses other scales.
 
-    def __init__(self, offsets: Tensor, rows: int, guidance_scale: float):
+    With ``pivot`` ([B, S+1, C, h, w], index 0 = z*_0) it computes the offsets as it goes: offset i
+    is set to what puts the source row on the pivot before it is added, so a sampling run with it
+    is the offsets' computation in the sampler's own arithmetic.
+    """
+
+    def __init__(self, offsets: Tensor, rows: int, guidance_scale: float, pivot: Tensor | None = None):
         super().__init__(rows)
-        self.offsets, self.guidance_scale = offsets, guidance_scale
+        self.offsets, self.guidance_scale, self.pivot = offsets, guidance_scale, pivot
 
     def guide(self, i: int, out_uncond: Tensor, out_cond: Tensor, guidance_scale: float) -> Tensor:
         if guidance_scale != self.guidance_scale:
@@ -36,6 +41,8 @@ class OffsetHooks(SamplingHooks):
 
     def after_step(self, i: int, z: Tensor) -> Tensor:
         rows = self.groups(z)
+        if self.pivot is not None:
+            self.offsets[:, i] = self.pivot[:, -2 - i] - rows[:, 0]
         source = rows[:, :1] + self.offsets[:, i : i + 1].to(z)
         return torch.cat([source, rows[:, 1:]], dim=1).flatten(0, 1)
 
@@ -44,15 +51,17 @@ class DirectInversion(InversionMethod):
     """PnP Inversion / Direct Inversion (Ju, Zeng, Bian, Liu, Xu, ICLR 2024, Algorithm 1; METHODS.md section 2).
 
     DDIM inversion at w = 1 with the caption gives the pivot z*_0..z*_T. For each sampling step i
-    (t = T ... 1) the offset that puts the guided step from the pivot back on it,
+    (t = T ... 1) the offset that puts the guided step back on the pivot,
 
-        o_t = z*_{t-k} - Phi_{t->t-k}(z*_t, eps_w(z*_t, t; C, psi(""))),
+        o_t = z*_{t-k} - Phi_{t->t-k}(z_t, eps_w(z_t, t; C, psi(""))),   z_{t-k} = Phi_{t->t-k}(...) + o_t,
 
-    is stored (the artifact's ``extras["source_offsets"]``, [S, C, h, w] per image). Sampling and
-    Prompt-to-Prompt editing add o_t to the source row after each DDIM step, before the local
-    blend; target rows are untouched. The source row therefore retraces the pivot, and the
-    reconstruction is the VAE bound up to float error. The offsets depend on w: reconstruction and
-    edits at another scale are refused (so ``extra_guidance_scales`` must stay empty).
+    is computed from the state z_t the sampler will hold (z_T = z*_T, then the previous step plus
+    its offset: the official closed loop), and stored (the artifact's ``extras["source_offsets"]``,
+    [S, C, h, w] per image). Sampling and Prompt-to-Prompt editing add o_t to the source row after
+    each DDIM step, before the local blend; target rows are untouched. A reconstruction from the
+    same batch replays the offsets' arithmetic and retraces the pivot to float rounding (the VAE
+    bound). The offsets depend on w: reconstruction and edits at another scale are refused (so
+    ``extra_guidance_scales`` must stay empty).
 
     Not done: the paper's ablations (offset scale, offsets every k steps, offsets on the target row).
 
@@ -75,15 +84,20 @@ class DirectInversion(InversionMethod):
     ) -> Inversion:
         cond, null = diffusion.encode_prompts(prompts)
         pivot = diffusion.ddim_inversion(z0, cond, null, self.inversion_guidance_scale)
-        w, steps = diffusion.guidance_scale, diffusion.schedule.num_steps
-        offsets = []
-        for i, t in enumerate(diffusion.timesteps):
-            z = pivot[:, steps - i]
-            # The same UNet call and guidance as the sampler's hooks make: [z; z] with [null; C].
-            out = guide(*diffusion.model_output(torch.cat([z, z]), t, torch.cat([null, cond])).chunk(2), w)
-            offsets.append(pivot[:, steps - 1 - i] - diffusion.schedule.denoise_step(out, t, z))
+        # Closed loop, as the official offset_calculate (cure-lab/PnPInversion@07f97f4
+        # models/p2p/inversion.py ~389, `latent_cur = latents_prev_rec + loss`): each offset is taken
+        # at the state the sampler will hold (the previous guided step plus its offset), not at the
+        # pivot. Computing them inside the sampler itself replays its arithmetic exactly, so a
+        # reconstruction lands on the pivot to rounding; offsets taken at the pivot (open loop) let
+        # the rounding of each `step + offset` grow through the guided steps. z_T is contiguous as
+        # an artifact reloads it: the UNet's rounding depends on the memory layout of its input.
+        z_T = pivot[:, -1].contiguous()
+        offsets = torch.zeros(pivot[:, 1:].shape, dtype=pivot.dtype, device=pivot.device)
+        w = diffusion.guidance_scale
+        hooks = OffsetHooks(offsets, 1, w, pivot=pivot)
+        diffusion.sample(z_T, null.unsqueeze(1), cond.unsqueeze(1), w, hooks=hooks)
         return Inversion(
-            z_T=pivot[:, -1],
+            z_T=z_T,
             uncond=null.unsqueeze(1),
             cond=cond.unsqueeze(1),
             prompts=prompts,
@@ -91,7 +105,7 @@ class DirectInversion(InversionMethod):
             iterations=[0] * len(prompts),
             pivot=pivot,
             method=self.name,
-            extras={"source_offsets": torch.stack(offsets, dim=1)},
+            extras={"source_offsets": offsets},
         )
 
     @classmethod
@@ -123,7 +137,11 @@ class ProximalHooks(SamplingHooks):
             tau = torch.full_like(delta[:, :1, :1, :1], -s["quantile"])
         delta = delta - torch.clamp(delta, -tau, tau)  # soft thresholding ("l0" in the official code)
         if s["proximal"] == "l1":
-            delta = delta - tau * torch.sign(delta)
+            # Two sequential wheres, as the official ptp_utils.py (phymhan/prompt-to-prompt@9955a1f
+            # ~123-124): values in (0, tau) go below zero and come back unchanged, so this is not
+            # a symmetric tau * sign(delta).
+            delta = torch.where(delta > 0, delta - tau, delta)
+            delta = torch.where(delta < 0, delta + tau, delta)
         if self.pivot is not None and self.timesteps[i] < s["recon_t"]:
             radius = s["dilate_mask"]
             self.mask = F.max_pool2d((delta.abs() > tau).to(delta.dtype), 2 * radius + 1, stride=1, padding=radius)
@@ -144,15 +162,19 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
     Delta = eps(z, c) - eps(z, u) over the batch of an image's rows [source, targets] and
     tau = quantile(|Delta|, q) over all of its elements (tau = -q when q < 0),
 
-        Delta' = Delta - clip(Delta, -tau, tau)      ("l0": soft thresholding; "l1": minus tau sign(Delta') again)
+        Delta' = Delta - clip(Delta, -tau, tau)      ("l0": soft thresholding)
         eps    = eps(z, u) + w Delta'
 
-    Below timestep ``recon_t``, inversion guidance pulls the latents after the step toward the
-    pivot outside the edit mask M = dilate(|Delta'| > tau, ``dilate_mask``):
-    z_{t-k} <- z_{t-k} - lambda (z_{t-k} - z*_{t-k}) (1 - M), lambda = ``recon_lr``. The source row has
-    Delta = 0, so in reconstruction it is pinned to the pivot over those steps. The artifact
-    stores the pivot (``extras["pivot"]``) when inversion guidance is on. Not done: the optional
-    reconstruction guidance on x0_hat.
+    ("l1", as the official code, then subtracts tau where Delta' > 0 and adds tau where the result
+    is < 0: positive values below tau come back unchanged.) Below timestep ``recon_t``, inversion
+    guidance pulls the latents after the step toward the pivot outside the edit mask
+    M = dilate(|Delta'| > tau, ``dilate_mask``): z_{t-k} <- z_{t-k} - lambda (z_{t-k} - z*_{t-k}) (1 - M),
+    lambda = ``recon_lr``. The source row has Delta = 0, so in an edit it is pinned to the pivot
+    over those steps. The artifact stores the pivot (``extras["pivot"]``) when inversion guidance
+    is on. Not done: the optional reconstruction guidance on x0_hat.
+
+    Proximal and inversion guidance act in editing only: the reconstruction is plain
+    negative-prompt sampling, as the official code reconstructs (``inference_stage=False``).
 
     Args:
         proximal: ``"l0"``, ``"l1"`` or None (plain CFG: negative-prompt inversion).
@@ -199,4 +221,11 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
     def sampling_hooks(cls, diffusion: Diffusion, inversion: Inversion, rows: int) -> SamplingHooks:
         pivot = inversion.extras["pivot"] if inversion.settings["inversion_guidance"] else None
         return ProximalHooks(inversion.settings, pivot, diffusion.timesteps, rows)
+
+    @classmethod
+    def reconstruct(cls, diffusion: Diffusion, inversion: Inversion, guidance_scale: float) -> Tensor:
+        # The official reconstruction samples with inference_stage=False: plain CFG with u = C
+        # (phymhan/prompt-to-prompt@9955a1f negative_prompt_inversion.py ~602-603). Thresholding one
+        # row would threshold |eps(z, C) - eps(z, C)|, i.e. rounding noise.
+        return diffusion.sample(inversion.z_T, inversion.uncond, inversion.cond, guidance_scale)
 
