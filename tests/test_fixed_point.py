@@ -84,12 +84,13 @@ def test_bad_settings_are_one_line_errors(settings):
 
 
 def test_renoise_step_equals_a_plain_reimplementation(setup, tiny_pipe):
-    """Paper Table 3 for SD: estimates 0 and 1 averaged below t = 250, estimate 1 alone above."""
+    """Without regularisation (the official SD example's windows, the paper's Table 3 weights):
+    estimates 0 and 1 averaged below t = 250, the last iterate (estimate 1's step) above."""
     diffusion, z0 = setup
     _, cond = embeddings(diffusion, ["a cat", "a dog"])
     abar = tiny_pipe.scheduler.alphas_cumprod
     pivot = diffusion.ddim_inversion(z0, cond)
-    method = ReNoiseInversion()
+    method = ReNoiseInversion(noise_regularization=False)
     for k in (0, 3):  # t = 1 (< 250, average) and t = 601 (renoised estimate only)
         t, z_s = diffusion.timesteps[-1 - k], pivot[:, k]
         a_s = abar[t - 1000 // STEPS].item() if k else abar[0].item()
@@ -107,9 +108,103 @@ def test_renoise_step_equals_a_plain_reimplementation(setup, tiny_pipe):
         assert not torch.allclose(got, step(e0), atol=1e-4), "averaging changes the DDIM step"
 
 
+def official_patch_kl(x0, x1, patch_size=4, num_channels=4):
+    """patchify_latents_kl_divergence and latents_kl_divergence of garibida/ReNoise-Inversion@fa83238
+    src/renoise_inversion.py (~55-87), transcribed: [1, C, H, W] tensors."""
+    patches = [x.unfold(1, patch_size, patch_size).unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size) for x in (x0, x1)]
+    x0, x1 = (p.contiguous().view(-1, num_channels, patch_size * patch_size) for p in patches)
+    mu0, mu1, var0, var1 = x0.mean(-1), x1.mean(-1), x0.var(-1), x1.var(-1)
+    kl = torch.log((var1 + 1e-6) / (var0 + 1e-6)) + (var0 + (mu0 - mu1) ** 2) / (var1 + 1e-6) - 1
+    return kl.abs().sum(-1).sum()
+
+
+def official_auto_corr_loss(x, rolls):
+    """auto_corr_loss (~28-52), transcribed; the rolls come from the project's per-image Random (the
+    official code draws them from one torch generator) in the same order."""
+    loss = 0.0
+    for channel in x[0]:
+        noise = channel[None, None]
+        while True:
+            shift = rolls.randrange(noise.shape[2] // 2)
+            loss += (noise * torch.roll(noise, shifts=shift, dims=2)).mean() ** 2
+            loss += (noise * torch.roll(noise, shifts=shift, dims=3)).mean() ** 2
+            if noise.shape[2] <= 8:
+                break
+            noise = torch.nn.functional.avg_pool2d(noise, kernel_size=2)
+    return loss
+
+
+def official_noise_regularization(e_t, optimal, rolls, lambda_kl=0.065, lambda_ac=20.0, num_reg_steps=4, num_ac_rolls=5):
+    """noise_regularization (~5-25), transcribed, at the official RunConfig's weights (src/config.py)."""
+    for _ in range(num_reg_steps):
+        var = e_t.detach().clone().requires_grad_()
+        official_patch_kl(var, optimal).backward()
+        e_t = e_t - lambda_kl * torch.clip(var.grad.detach(), -100, 100)
+        for _ in range(num_ac_rolls):
+            var = e_t.detach().clone().requires_grad_()
+            official_auto_corr_loss(var, rolls).backward()
+            e_t = e_t - lambda_ac * var.grad.detach() / num_ac_rolls
+        e_t = e_t.detach()
+    return e_t
+
+
+def test_renoise_regularised_step_equals_a_transcription_of_the_official_update(setup, tiny_pipe):
+    """One inversion step of inversion_step (renoise_inversion.py@fa83238 ~89-156) with the official
+    SD example's settings (examples/inversion_example_sd.py and its RunConfig): one renoising
+    iteration, windows [0, 5) below t = 250 and [8, 10) above, regularisation on; per image, as the
+    official code runs (batch 1). The reference estimate is eps at z_0 noised to t with the image's
+    draw (~105, ~112-133); the RAW estimates are averaged (~141-146); each estimate from index
+    avg_range[0] on is regularised before it moves the iterate (~148-151); the average is
+    regularised once and its step is the result (~154-156); above t = 250 nothing is regularised."""
+    diffusion, z0 = setup
+    _, cond = embeddings(diffusion, ["a cat", "a dog"])
+    abar = tiny_pipe.scheduler.alphas_cumprod
+    pivot = diffusion.ddim_inversion(z0, cond)
+    method = ReNoiseInversion()  # the defaults are the official SD example's
+    assert (method.num_renoise_steps, method.max_renoise_steps_low, method.average_low, method.average_high) == (1, 5, (0, 5), (8, 10))
+    assert (method.noise_regularization, method.lambda_ac, method.lambda_kl, method.num_reg_steps, method.num_ac_rolls) == (True, 20.0, 0.065, 4, 5)
+    seeds = [3, 4]
+    for k in (0, 3):  # t = 1 (< 250) and t = 601
+        t, z_s = diffusion.timesteps[-1 - k], pivot[:, k]
+        a_s = abar[t - 1000 // STEPS].item() if k else abar[0].item()
+        a_t = abar[t].item()
+        state = method.start(diffusion, z0, seeds)
+        got = method.solve(diffusion, z_s, t, None, cond, state)
+
+        def inv_step(eps, b):
+            return a_t**0.5 * (z_s[b : b + 1] - (1 - a_s) ** 0.5 * eps) / a_s**0.5 + (1 - a_t) ** 0.5 * eps
+
+        avg_range = (0, 5) if t < 250 else (8, 10)
+        expected = []
+        for b, seed in enumerate(seeds):
+            rolls = random.Random(seed)
+            with torch.no_grad():
+                z_tp1_forward = a_t**0.5 * z0[b : b + 1] + (1 - a_t) ** 0.5 * state["noise"][b : b + 1]
+                optimal = tiny_pipe.unet(z_tp1_forward, t, encoder_hidden_states=cond[b : b + 1]).sample
+            avg, approximated = None, z_s[b : b + 1]
+            for i in range(2):
+                with torch.no_grad():
+                    noise_pred = tiny_pipe.unet(approximated, t, encoder_hidden_states=cond[b : b + 1]).sample
+                if avg_range[0] <= i < avg_range[1]:
+                    j = i - avg_range[0]
+                    avg = noise_pred.clone() if avg is None else j * avg / (j + 1) + noise_pred / (j + 1)
+                if i >= avg_range[0]:
+                    noise_pred = official_noise_regularization(noise_pred, optimal, rolls)
+                approximated = inv_step(noise_pred, b)
+            if avg is not None:
+                approximated = inv_step(official_noise_regularization(avg, optimal, rolls), b)
+            expected.append(approximated)
+        torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-5)
+        unregularised = ReNoiseInversion(noise_regularization=False).solve(diffusion, z_s, t, None, cond, {})
+        if t < 250:
+            assert ((got - unregularised).norm() / got.norm()).item() > 1e-3, "the regularisation acts"
+        else:
+            assert torch.equal(got, unregularised)
+
+
 def test_renoise_without_renoising_is_ddim_inversion(setup):
     diffusion, z0 = setup
-    method = ReNoiseInversion(num_renoise_steps=0, average_low=[0, 1], average_high=[0, 1])
+    method = ReNoiseInversion(num_renoise_steps=0, average_low=[0, 1], average_high=[0, 1], noise_regularization=False)
     inversion = method.invert(diffusion, z0, ["a cat", "a dog"], [0, 1])
     _, cond = embeddings(diffusion, ["a cat", "a dog"])
     torch.testing.assert_close(inversion.pivot, diffusion.ddim_inversion(z0, cond), rtol=1e-6, atol=1e-6)
@@ -117,7 +212,7 @@ def test_renoise_without_renoising_is_ddim_inversion(setup):
 
 def test_noise_regularization_lowers_its_losses_and_is_per_image(setup):
     diffusion, z0 = setup
-    method = ReNoiseInversion(noise_regularization=True)
+    method = ReNoiseInversion()
     state = method.start(diffusion, z0, [0, 1])
     correlated = torch.nn.functional.avg_pool2d(torch.randn(2, 4, 18, 18, generator=torch.Generator().manual_seed(0)), 3, stride=1) * 3
     reference = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -135,7 +230,14 @@ def test_noise_regularization_lowers_its_losses_and_is_per_image(setup):
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"num_renoise_steps": -1}, "num_renoise_steps"), ({"average_low": [1, 1]}, "average_low"), ({"average_high": [0, 3]}, "average_high"), ({"noise_regularization": "yes"}, "noise_regularization")],
+    [
+        ({"num_renoise_steps": -1}, "num_renoise_steps"),
+        ({"max_renoise_steps_low": -1}, "max_renoise_steps_low"),
+        ({"average_low": [1, 1]}, "average_low"),
+        ({"average_high": [-1, 3]}, "average_high"),
+        ({"average_high": [2]}, "average_high"),
+        ({"noise_regularization": "yes"}, "noise_regularization"),
+    ],
 )
 def test_bad_renoise_settings_are_one_line_errors(settings, message):
     with pytest.raises(SettingError, match=message):

@@ -44,7 +44,8 @@ class _ImplicitInversion(InversionMethod):
         """z_t from z_{t-k}: the method's solution of the implicit step."""
         raise NotImplementedError
 
-    def unet_calls_per_step(self) -> int:
+    def unet_calls(self, t: int) -> int:
+        """UNet calls of the step to timestep ``t``."""
         raise NotImplementedError
 
     def start(self, diffusion: Diffusion, z0: Tensor, seeds: list[int]) -> dict:
@@ -66,7 +67,7 @@ class _ImplicitInversion(InversionMethod):
             cond=cond.unsqueeze(1),
             prompts=prompts,
             guidance_scale=self.guidance_scale,
-            iterations=[self.unet_calls_per_step() * diffusion.schedule.num_steps] * len(prompts),
+            iterations=[sum(self.unet_calls(t) for t in diffusion.timesteps)] * len(prompts),
             pivot=torch.stack(latents, dim=1),
             extra_guidance_scales=self.extra_guidance_scales,
         )
@@ -103,7 +104,7 @@ class FixedPointInversion(_ImplicitInversion):
         super().__init__(inversion_guidance_scale, guidance_scale, extra_guidance_scales)
         self.num_iterations = check_int("num_iterations", num_iterations, 1)
 
-    def unet_calls_per_step(self) -> int:
+    def unet_calls(self, t: int) -> int:
         return self.num_iterations
 
     def solve(self, diffusion: Diffusion, z_source: Tensor, t: int, uncond: Tensor, cond: Tensor, state: dict) -> Tensor:
@@ -116,30 +117,42 @@ class FixedPointInversion(_ImplicitInversion):
 class ReNoiseInversion(_ImplicitInversion):
     """ReNoise (Garibi, Patashnik, Voynov, Averbuch-Elor, Cohen-Or, ECCV 2024; METHODS.md section 5).
 
-    Renoising iterations of the implicit step, then one step along a weighted average of the
-    noise estimates (paper Algorithm 1; averaging the estimates equals averaging the iterates, as
-    Phi is affine in eps). Estimate 0 is eps_w(z_{t-k}, t) (DDIM inversion's), estimate j >= 1 is
-    eps_w(z^(j), t) with z^(j) = Phi_{t-k->t}(z_{t-k}, estimate j-1); there are
-    ``num_renoise_steps`` + 1. The estimates with index in ``average_low`` = [first, stop) are
-    averaged below timestep ``average_below_t``, those in ``average_high`` above it. The defaults
-    are the paper's SD settings (Table 3): one renoising iteration, w1 = w2 = 0.5 for t < 250 and
-    w2 = 1 above, inverting and sampling without CFG (w = 1, as the official SD example).
+    Renoising iterations of the implicit step, then one step along the average of some of the noise
+    estimates (paper Algorithm 1; averaging the estimates equals averaging the iterates, as Phi is
+    affine in eps), in the official order of operations (garibida/ReNoise-Inversion@fa83238
+    ``src/renoise_inversion.py``, ``inversion_step``). Estimate 0 is eps_w(z_{t-k}, t) (DDIM
+    inversion's), estimate j >= 1 is eps_w(z^(j), t) with z^(j) = Phi_{t-k->t}(z_{t-k}, estimate j-1,
+    regularised if j-1 >= first); there are n + 1, n = ``num_renoise_steps`` (at most
+    ``max_renoise_steps_low`` below ``average_below_t``). The RAW estimates with index in the window
+    [first, stop) -- ``average_low`` below timestep ``average_below_t``, ``average_high`` above --
+    are averaged, and the step is taken along the average, regularised once. A window holding no
+    estimate (as the official [8, 10) with one renoising iteration) takes the last iterate
+    z^(n+1), with no regularisation at all.
 
-    ``noise_regularization`` (from pix2pix-zero, as the official code): each estimate in the window
-    and the final average are pushed ``num_reg_steps`` times toward the statistics of a reference
-    estimate -- eps_w at z_0 noised to level t with one fixed draw per image -- by
-    eps -= lambda_kl clip(grad KL_patch4x4(eps, eps_ref), +-100), then ``num_ac_rolls`` times
+    ``noise_regularization`` (from pix2pix-zero, as the official code): an estimate or average is
+    pushed ``num_reg_steps`` times toward the statistics of a reference estimate -- eps_w at z_0
+    noised to level t with one fixed draw per image -- by
+    eps -= lambda_kl clip(grad patch_kl(eps, eps_ref), +-100), then ``num_ac_rolls`` times
     eps -= lambda_ac grad L_pair / num_ac_rolls (squared autocorrelation at random rolls, pooled
-    down to 8x8). Every random draw is per image. Not done: the noise correction for stochastic
-    samplers (DDIM is deterministic).
+    down to 8x8). Every random draw is per image (the official code draws the rolls from one torch
+    generator for the whole run). Not done: the noise correction for stochastic samplers (DDIM is
+    deterministic; the SD example turns it off).
+
+    The defaults are the official SD example (``examples/inversion_example_sd.py`` with its
+    ``RunConfig``, ``src/config.py``): one renoising iteration, windows [0, 5) and [8, 10) (estimates
+    0 and 1 averaged below t = 250, the last iterate above), regularisation on with lambda_ac = 20,
+    lambda_kl = 0.065, 4 regularisation steps and 5 rolls, inverting and sampling without CFG
+    (w = 1). The paper's Table 3 gives lambda_pair = 10 and lambda_patch-KL = 0.05 instead.
 
     Args:
-        num_renoise_steps: renoising iterations per step (1 for SD in the paper).
-        average_below_t, average_low, average_high: the averaging windows (250, [0, 2), [1, 2)).
+        num_renoise_steps: renoising iterations per step (1 in the SD example and the paper).
+        max_renoise_steps_low: at most this many below ``average_below_t`` (5, the official
+            ``max_num_renoise_steps_first_step``).
+        average_below_t, average_low, average_high: the averaging windows (250, [0, 5), [8, 10));
+            a window may reach past the last estimate, as the official ones do.
         inversion_guidance_scale, guidance_scale: w when inverting and when sampling (1, 1).
-        noise_regularization: apply the regularisation (off; the paper's SD setting uses
-            lambda_pair = 10 and lambda_patch-KL = 0.05 when on).
-        lambda_ac, lambda_kl, num_reg_steps, num_ac_rolls: its weights and counts (10, 0.05, 4, 5).
+        noise_regularization: apply the regularisation (on, as the official RunConfig).
+        lambda_ac, lambda_kl, num_reg_steps, num_ac_rolls: its weights and counts (20, 0.065, 4, 5).
     """
 
     name = "renoise"
@@ -147,20 +160,22 @@ class ReNoiseInversion(_ImplicitInversion):
     def __init__(
         self,
         num_renoise_steps: int = 1,
+        max_renoise_steps_low: int = 5,
         average_below_t: int = 250,
-        average_low: Sequence[int] = (0, 2),
-        average_high: Sequence[int] = (1, 2),
+        average_low: Sequence[int] = (0, 5),
+        average_high: Sequence[int] = (8, 10),
         inversion_guidance_scale: float = 1.0,
         guidance_scale: float = 1.0,
-        noise_regularization: bool = False,
-        lambda_ac: float = 10.0,
-        lambda_kl: float = 0.05,
+        noise_regularization: bool = True,
+        lambda_ac: float = 20.0,
+        lambda_kl: float = 0.065,
         num_reg_steps: int = 4,
         num_ac_rolls: int = 5,
         extra_guidance_scales: Sequence[float] = (),
     ):
         super().__init__(inversion_guidance_scale, guidance_scale, extra_guidance_scales)
         self.num_renoise_steps = check_int("num_renoise_steps", num_renoise_steps, 0)
+        self.max_renoise_steps_low = check_int("max_renoise_steps_low", max_renoise_steps_low, 0)
         self.average_below_t = check_int("average_below_t", average_below_t, 0)
         self.average_low = self._window("average_low", average_low)
         self.average_high = self._window("average_high", average_high)
@@ -170,17 +185,22 @@ class ReNoiseInversion(_ImplicitInversion):
         self.num_reg_steps = check_int("num_reg_steps", num_reg_steps, 0)
         self.num_ac_rolls = check_int("num_ac_rolls", num_ac_rolls, 1)
 
-    def _window(self, name: str, window: Sequence[int]) -> tuple[int, int]:
-        """[first, stop) of estimate indices 0 .. num_renoise_steps, not empty."""
+    @staticmethod
+    def _window(name: str, window: Sequence[int]) -> tuple[int, int]:
+        """[first, stop) of estimate indices, not empty; it may reach past the last estimate."""
         window = tuple(window)
         if len(window) != 2:
             raise SettingError(f"{name}={list(window)!r} is not allowed: a pair [first, stop) of estimate indices")
-        first = check_int(f"{name}[0]", window[0], 0, self.num_renoise_steps)
-        stop = check_int(f"{name}[1]", window[1], first + 1, self.num_renoise_steps + 1)
+        first = check_int(f"{name}[0]", window[0], 0)
+        stop = check_int(f"{name}[1]", window[1], first + 1)
         return first, stop
 
-    def unet_calls_per_step(self) -> int:
-        return self.num_renoise_steps + 1 + int(self.noise_regularization)
+    def renoise_steps(self, t: int) -> int:
+        """Renoising iterations of the step to timestep ``t``."""
+        return min(self.num_renoise_steps, self.max_renoise_steps_low) if t < self.average_below_t else self.num_renoise_steps
+
+    def unet_calls(self, t: int) -> int:
+        return self.renoise_steps(t) + 1 + int(self.noise_regularization)
 
     def start(self, diffusion: Diffusion, z0: Tensor, seeds: list[int]) -> dict:
         if not self.noise_regularization:
@@ -193,13 +213,21 @@ class ReNoiseInversion(_ImplicitInversion):
         if self.noise_regularization:
             z_ref = diffusion.schedule.add_noise(state["z0"], state["noise"], t)
             reference = diffusion.noise_estimate(z_ref, t, uncond, cond, self.inversion_guidance_scale)
+        # The official loop (renoise_inversion.py@fa83238 ~100-156): every estimate is computed
+        # (~108); the RAW ones in the window go into the average (~141-146); an estimate with
+        # index >= first is regularised before it moves the iterate (~148-151), the last one too
+        # although the average's step then replaces its iterate (it still draws its rolls); the
+        # average is regularised once (~154-156).
         window, z = [], z_source
-        for j in range(stop):  # estimates past the window would be discarded
+        for j in range(self.renoise_steps(t) + 1):
             eps = diffusion.noise_estimate(z, t, uncond, cond, self.inversion_guidance_scale)
+            if first <= j < stop:
+                window.append(eps)
             if j >= first:
                 eps = self.regularize(eps, reference, state)
-                window.append(eps)
             z = implicit_step(diffusion, z_source, eps, t)
+        if not window:
+            return z
         return implicit_step(diffusion, z_source, self.regularize(torch.stack(window).mean(0), reference, state), t)
 
     def regularize(self, eps: Tensor, reference: Tensor | None, state: dict) -> Tensor:
@@ -223,15 +251,18 @@ class ReNoiseInversion(_ImplicitInversion):
         return eps.detach()
 
 
-def patch_kl(eps: Tensor, reference: Tensor, patch: int = 4) -> Tensor:
-    """Sum over channels and ``patch`` x ``patch`` patches of KL(N(mu, var) || N(mu_ref, var_ref)) of [C, h, w] tensors."""
+def patch_kl(eps: Tensor, reference: Tensor, patch: int = 4, epsilon: float = 1e-6) -> Tensor:
+    """The official patch "KL" of two [C, h, w] tensors (renoise_inversion.py@fa83238 ~55-87,
+    ``patchify_latents_kl_divergence``): per channel and ``patch`` x ``patch`` patch,
+    |log((var_ref + e) / (var + e)) + (var + (mu - mu_ref)^2) / (var_ref + e) - 1| with e = ``epsilon``,
+    summed. Without the 1/2 of the Gaussian KL, and the absolute value of each term."""
 
     def moments(x: Tensor) -> tuple[Tensor, Tensor]:
         patches = x.unfold(1, patch, patch).unfold(2, patch, patch).flatten(-2)  # [C, h/p, w/p, p*p]
         return patches.mean(-1), patches.var(-1)
 
     (mu, var), (mu_ref, var_ref) = moments(eps), moments(reference)
-    return 0.5 * (torch.log(var_ref / var) + (var + (mu - mu_ref) ** 2) / var_ref - 1).sum()
+    return (torch.log((var_ref + epsilon) / (var + epsilon)) + (var + (mu - mu_ref) ** 2) / (var_ref + epsilon) - 1).abs().sum()
 
 
 def autocorrelation_loss(eps: Tensor, rolls: random.Random) -> Tensor:
