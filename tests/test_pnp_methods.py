@@ -191,6 +191,9 @@ def test_proximal_l1_is_the_official_asymmetric_thresholding():
 
 
 def test_proximal_step_equals_a_plain_reimplementation(setup):
+    """The l0 branch of diffusion_step (phymhan/prompt-to-prompt@9955a1f ptp_utils.py, ~97-155):
+    threshold = quantile of |Delta| over the whole batch, soft thresholding, mask |Delta'| > tau
+    dilated, then inversion guidance z - lr (z - x*_{t-k}) (1 - mask) after the step."""
     diffusion, z0 = setup
     settings = {"proximal": "l0", "quantile": 0.7, "inversion_guidance": True, "recon_lr": 0.5, "recon_t": 400, "dilate_mask": 1}
     pivot = torch.randn(1, STEPS + 1, *z0.shape[1:], generator=torch.Generator().manual_seed(1))
