@@ -1,24 +1,21 @@
-"""The pocket model: its training script (tiny config, resume-exact), its export, and the shipped model."""
+"""The pocket model: its training (tiny config, resume-exact), its export, and the shipped model."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from nulltext.pocket import evaluation
+from nulltext.pocket.export import weights_sha256
+from nulltext.pocket.recipe import build_models
+from nulltext.pocket.trainer import Trainer, train
+
 ROOT = Path(__file__).resolve().parents[1]
 POCKET = ROOT / "models" / "pocket"
 needs_pocket = pytest.mark.skipif(not (POCKET / "model_index.json").exists(), reason="models/pocket is not trained here")
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_pocket_model", ROOT / "scripts" / "train_pocket_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_config(tmp_path: Path, name: str, **overrides):
@@ -76,13 +73,12 @@ def trained(tmp_path_factory):
     """One uninterrupted tiny run, and the same run cut twice (mid-VAE, mid-UNet) and resumed."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("pocket-train")
-    module = _train_module()
-    whole = module.train(_tiny_config(tmp, "whole"))
-    assert module.train(_tiny_config(tmp, "split", stop_at="vae:1")) is None
-    assert module.train(_tiny_config(tmp, "split", stop_at="unet:2", resume=True)) is None
+    whole = train(_tiny_config(tmp, "whole"))
+    assert train(_tiny_config(tmp, "split", stop_at="vae:1")) is None
+    assert train(_tiny_config(tmp, "split", stop_at="unet:2", resume=True)) is None
     ckpt = torch.load(tmp / "split" / "run" / "checkpoint.pt", weights_only=False)
     assert (ckpt["phase"], ckpt["step"]) == ("unet", 2)
-    split = module.train(_tiny_config(tmp, "split", resume=True))
+    split = train(_tiny_config(tmp, "split", resume=True))
     return whole, split, tmp
 
 
@@ -113,16 +109,15 @@ def test_continued_training_starts_from_the_saved_model(trained, tmp_path):
     keeps its VAE and scaling factor, and training.json adds up both stages."""
     import json
 
-    module = _train_module()
     whole, _, _ = trained
     first = json.loads((whole / "training.json").read_text())
-    frozen = module.train(_tiny_config(tmp_path, "lr0", init_from=str(whole), seed=1, unet_train={"lr": 0.0, "steps": 2}))
+    frozen = train(_tiny_config(tmp_path, "lr0", init_from=str(whole), seed=1, unet_train={"lr": 0.0, "steps": 2}))
     a, b = _weights(whole), _weights(frozen)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
-    moved = module.train(_tiny_config(tmp_path, "more", init_from=str(whole), seed=1, unet_train={"steps": 3}))
+    moved = train(_tiny_config(tmp_path, "more", init_from=str(whole), seed=1, unet_train={"steps": 3}))
     c = _weights(moved)
     assert all(torch.equal(c[k], a[k]) for k in a if k.startswith("vae/"))
     assert any(not torch.equal(c[k], a[k]) for k in a if k.startswith("unet/"))
@@ -136,7 +131,7 @@ def test_continued_training_starts_from_the_saved_model(trained, tmp_path):
     assert [row.split(",")[:2] for row in curves] == [["unet", "1"], ["unet", "2"], ["unet", "3"]]
 
     with pytest.raises(FileNotFoundError, match="no saved pipeline there"):
-        module.train(_tiny_config(tmp_path, "bad", init_from=str(tmp_path / "nowhere")))
+        train(_tiny_config(tmp_path, "bad", init_from=str(tmp_path / "nowhere")))
 
 
 def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_path):
@@ -144,15 +139,14 @@ def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_p
     autoencoder's files are the input's, byte for byte (weights and scaling_factor)."""
     import json
 
-    module = _train_module()
     whole, _, _ = trained
-    out = module.train(_tiny_config(tmp_path, "fresh", vae_from=str(whole), seed=3, unet_train={"steps": 2}))
+    out = train(_tiny_config(tmp_path, "fresh", vae_from=str(whole), seed=3, unet_train={"steps": 2}))
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         assert (out / "vae" / name).read_bytes() == (whole / "vae" / name).read_bytes(), name
     info = json.loads((out / "training.json").read_text())
     first = json.loads((whole / "training.json").read_text())
     assert info["scaling_factor"] == first["scaling_factor"]
-    assert info["vae_from"]["sha256"] == module.weights_sha256(whole / "vae")
+    assert info["vae_from"]["sha256"] == weights_sha256(whole / "vae")
     assert info["samples_seen"] == 2 * 4 and info["init_from"] is None
     curves = (tmp_path / "fresh" / "run" / "curves.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in curves] == ["unet", "unet"]
@@ -162,13 +156,13 @@ def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_p
 
     wrong = {"model": {"vae": {"block_out_channels": [8, 8]}}}
     with pytest.raises(ValueError, match="architecture differs from model.vae"):
-        module.train(_tiny_config(tmp_path, "wrong", vae_from=str(whole), **wrong))
+        train(_tiny_config(tmp_path, "wrong", vae_from=str(whole), **wrong))
     with pytest.raises(ValueError, match="init_from or vae_from, not both"):
-        module.train(_tiny_config(tmp_path, "both", vae_from=str(whole), init_from=str(whole)))
+        train(_tiny_config(tmp_path, "both", vae_from=str(whole), init_from=str(whole)))
 
 
 def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_path):
-    """scripts/pocket_gpu_job.py on the CPU, tiny model, tiny budget: training stops on the budget and
+    """The GPU job (scripts/pocket_gpu_job.py) on the CPU, tiny model, tiny budget: training stops on the budget and
     exports its EMA, the evaluation runs, at most 8 files of at most the part size come back, and the
     parts reassemble into a pipeline that loads and samples, with the autoencoder byte for byte."""
     import io
@@ -178,15 +172,14 @@ def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_p
     from nulltext.diffusion import Diffusion
     from nulltext.models import load_pipeline
 
-    spec = importlib.util.spec_from_file_location("pocket_gpu_job", ROOT / "scripts" / "pocket_gpu_job.py")
-    job_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job_module)
+    from nulltext.pocket.job import run_job
+
     whole, _, _ = trained
     cfg = _tiny_config(tmp_path, "job", vae_from=str(whole), unet_train={"steps": 100_000, "warmup": 1})
     out = tmp_path / "OUT"
     part_mib = 2.0  # the tiny model is ~5 MB (most of it the 49,408-token table in float32)
     eval_args = ["--steps", "2", "--text-images", "2", "--attention-images", "1", "--vae-images", "0", "--inv-images", "0", "--photos"]
-    job = job_module.run_job(cfg, out, minutes=0.16, reserve=0.1, device="cpu", part_mib=part_mib, eval_args=eval_args)
+    job = run_job(cfg, out, minutes=0.16, reserve=0.1, device="cpu", part_mib=part_mib, eval_args=eval_args)
 
     files = sorted(out.iterdir())
     assert len(files) <= 8 and {"curves.csv", "pocket_eval.json", "pocket_eval.md", "job.json"} <= {f.name for f in files}
@@ -214,12 +207,11 @@ def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
     """The GPU recipe's default vae_from is the committed autoencoder, whose architecture is the recipe's."""
     from hydra import compose, initialize_config_dir
 
-    module = _train_module()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train_pocket", overrides=["device=cpu", f"vae_from={ROOT / 'models' / 'pocket-vae-h200'}"])
-    trainer = module.Trainer(cfg)
+    trainer = Trainer(cfg)
     assert trainer.phase == "unet" and trainer.scaling_factor == pytest.approx(0.47744476795196533, abs=0)
-    assert module.weights_sha256(trainer.vae_source) == "251f642dd652d3f0eb2a8de8ee362073805cd2449badb49d1e12aa00e6b72fe1"
+    assert weights_sha256(trainer.vae_source) == "251f642dd652d3f0eb2a8de8ee362073805cd2449badb49d1e12aa00e6b72fe1"
 
 
 def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
@@ -239,10 +231,9 @@ def test_training_recipes_have_at_least_32_channels_per_head(config_name):
     """diffusers reads attention_head_dim as a head COUNT: check what the modules are, not the name."""
     from hydra import compose, initialize_config_dir
 
-    module = _train_module()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=["init_from=null"] if "continue" in config_name else [])
-    widths = _head_widths(module.build_models(cfg))
+    widths = _head_widths(build_models(cfg))
     assert sum(k.startswith("unet.") for k in widths) >= 2 and sum(k.startswith("text_encoder.") for k in widths) >= 2
     narrow = {k: v for k, v in widths.items() if v[1] < 32}
     assert not narrow, narrow
@@ -264,17 +255,14 @@ def test_shipped_pocket_has_at_least_32_channels_per_head():
 
 
 def test_evaluation_script_reports_every_part(trained, tmp_path):
-    """scripts/evaluate_pocket_model.py on the tiny trained folder: each part present and consistent."""
+    """The evaluation (scripts/evaluate_pocket_model.py) on the tiny trained folder: each part present and consistent."""
     import json
     import math
 
-    spec = importlib.util.spec_from_file_location("evaluate_pocket_model", ROOT / "scripts" / "evaluate_pocket_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     whole, _, _ = trained
     args = ["--model", str(whole), "--out", str(tmp_path), "--steps", "2", "--text-images", "2", "--vae-images", "2",
             "--inv-images", "1", "--photos", "astronaut", "--no-photo-n20", "--no-global", "--attention-images", "2"]
-    module.main(args)
+    evaluation.main(args)
     report = json.loads((tmp_path / "pocket_eval.json").read_text())
     assert {"text_control", "autoencoder_scenes", "inversion_scenes", "inversion_photos", "attention_localisation"} <= report.keys()
     assert 0 <= report["text_control"]["guidance_7.5"]["object_colour"] <= 1
@@ -396,9 +384,6 @@ def test_shipped_pocket_text_control_and_attention_as_recorded():
     from nulltext.models import pipeline_resolution
     from nulltext.pocket import load_pocket
 
-    spec = importlib.util.spec_from_file_location("evaluate_pocket_model", ROOT / "scripts" / "evaluate_pocket_model.py")
-    evaluation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluation)
     recorded = json.loads((POCKET / "eval" / "pocket_eval.json").read_text())
     torch.set_num_threads(1)
     pipe = load_pocket()

@@ -1,0 +1,95 @@
+"""The pocket training recipe (``conf/train_pocket*.yaml``): its settings checked, its models built,
+and the seeding rules that make a resumed run the same as an uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from nulltext.models import CLIP_CONTEXT_LENGTH, resolve_device
+from nulltext.validation import SettingError
+
+PHASES = ("vae", "decoder", "unet")
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths are relative to the directory the command was started from."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(os.getcwd()) / p
+
+
+def step_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one training step: depends on (seed, phase, step) only (resume-exact)."""
+    code = (int(seed) * 1_000_003 + PHASES.index(phase) * 100_000_019 + int(step) * 7919) % (2**62)
+    return torch.Generator(device=device).manual_seed(code)
+
+
+def data_seed(seed: int, phase: str, step: int) -> int:
+    return (int(seed) * 10_000_019 + PHASES.index(phase) * 1_000_000_007 + int(step)) % (2**62)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, final_fraction: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to ``final_fraction * base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_models(cfg: DictConfig) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(cfg.seed)
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    vae = AutoencoderKL(**m["vae"], sample_size=cfg.resolution)
+    factor = 2 ** (len(m["vae"]["block_out_channels"]) - 1)
+    unet = UNet2DConditionModel(**m["unet"], sample_size=cfg.resolution // factor)
+    text = CLIPTextModel(CLIPTextConfig(**m["text_encoder"], max_position_embeddings=CLIP_CONTEXT_LENGTH))
+    if unet.config.cross_attention_dim != text.config.hidden_size:
+        raise ValueError("model.unet.cross_attention_dim must equal model.text_encoder.hidden_size")
+    return {"vae": vae, "unet": unet, "text_encoder": text}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every setting of the recipe, checked before any model is built (one SettingError line each)."""
+    from nulltext.validation import (
+        check_bool, check_choice, check_float, check_int, check_multiple, check_positive, check_probability, check_seed,
+    )
+
+    v, u = cfg.vae_train, cfg.unet_train
+    check_seed("seed", cfg.seed)
+    resolve_device(cfg.device, "device")
+    for name in ("bf16", "resume", "finish_on_budget"):
+        check_bool(name, cfg.get(name, False))
+    if cfg.threads is not None:
+        check_int("threads", cfg.threads, 1)
+    check_multiple("resolution", cfg.resolution, 2 ** (len(cfg.model.vae.block_out_channels) - 1))
+    if cfg.max_minutes is not None:
+        check_positive("max_minutes", cfg.max_minutes)
+    check_int("checkpoint_every", cfg.checkpoint_every, 0)  # 0: only when stopping
+    check_int("log_every", cfg.log_every, 1)
+    check_choice("save_dtype", cfg.save_dtype, ("float16", "float32"))
+    for phase, section in (("vae_train", v), ("unet_train", u)):
+        check_int(f"{phase}.steps", section.steps, 0)  # 0 skips the phase
+        check_int(f"{phase}.batch_size", section.batch_size, 1)
+        check_float(f"{phase}.lr", section.lr, 0.0)  # 0 trains nothing: the exactness tests of init_from use it
+        check_int(f"{phase}.warmup", section.warmup, 0)
+        check_float(f"{phase}.weight_decay", section.weight_decay, 0.0)
+        check_positive(f"{phase}.grad_clip", section.grad_clip)
+    check_int("vae_train.decoder_steps", v.decoder_steps, 0)  # 0: no decoder fine-tune
+    check_positive("vae_train.decoder_lr", v.decoder_lr)
+    check_float("vae_train.kl_weight", v.kl_weight, 0.0)
+    check_float("vae_train.edge_weight", v.edge_weight, 0.0)
+    fractions = check_probability("vae_train.photo_fraction", v.photo_fraction) + check_probability("vae_train.noise_fraction", v.noise_fraction)
+    if fractions > 1:
+        raise SettingError(f"vae_train.photo_fraction + vae_train.noise_fraction = {fractions} is not allowed: at most 1 (the rest are scenes)")
+    check_int("vae_train.photo_source_resolution", v.photo_source_resolution, 1)
+    check_float("vae_train.photo_min_crop", v.photo_min_crop, 0.0, 1.0, strict_minimum=True)
+    check_float("unet_train.text_lr_scale", u.text_lr_scale, 0.0)
+    check_probability("unet_train.caption_dropout", u.caption_dropout)
+    check_probability("unet_train.ema_decay", u.ema_decay)
+    check_int("unet_train.scale_batches", u.scale_batches, 1)
