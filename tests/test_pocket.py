@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_training_resumes_to_the_same_weights(trained):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     curves = (tmp / "whole" / "run" / "curves.csv").read_text().splitlines()
-    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min"]
+    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss"]
     assert len(curves) == 1 + 3 + 2 + 4
 
 
@@ -201,6 +202,144 @@ def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_p
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     image = diffusion.decode(diffusion.sample(z, diffusion.encode_text([""])[:, None], cond[:, None])[:, -1])
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+
+def _one_object_targets(side_resolution: int = 16, dropped: bool = False):
+    """GroundingTargets of two real scenes (one object; two objects), at 16 px."""
+    from nulltext.models import clip_tokenizer
+    from nulltext.pocket.grounding import CaptionPositions, GroundingTargets
+    from nulltext.scenes import LayoutTokenizer, Scene, SceneObject, layout_from_scenes, object_coverage
+
+    scenes = [Scene((SceneObject("circle", "red", "large", "left"),), "plain", "gray"),
+              Scene((SceneObject("square", "blue", "large", "right"), SceneObject("ring", "green", "small", "top")), "checker", "pink")]
+    layout = layout_from_scenes(scenes, jitter=False)
+    positions = CaptionPositions(LayoutTokenizer(clip_tokenizer()))
+    coverage = object_coverage(layout, side_resolution)
+    return GroundingTargets(positions, layout, coverage, torch.tensor([dropped, False]), 0.1)
+
+
+def test_token_loss_is_0_inside_the_masks_and_1_outside():
+    """TokenCompose's L_token: every grounded token's map entirely on its cells gives 0, entirely off
+    them gives 1, half on them (1 - 1/2)^2 = 1/4; dropped captions are not grounded."""
+    from nulltext.pocket.grounding import token_loss, token_shares
+
+    targets = _one_object_targets()
+    masks = targets.masks(4)  # [2, K, 16]
+    assert targets.grounded[0].sum() == 4 + 3 and targets.grounded[1].sum() == 8 + 4  # object words + background noun
+    cells = masks.transpose(1, 2)  # [2, 16 queries, K]
+    ungrounded = torch.full((2, 16, 77 - cells.shape[-1]), 1 / 16)  # the other keys: spread evenly
+    inside = torch.cat([cells / cells.sum(1, keepdim=True).clamp_min(1), ungrounded], -1)
+    outside = torch.cat([(1 - cells) / (1 - cells).sum(1, keepdim=True), ungrounded], -1)
+    assert token_loss([inside], targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_loss([outside], targets).item() == pytest.approx(1.0, abs=1e-6)
+    half = 0.5 * (inside + outside)  # each grounded column: half of its mass on its cells
+    shares = token_shares(half, masks)[targets.grounded]
+    torch.testing.assert_close(shares, torch.full_like(shares, 0.5))
+    assert token_loss([inside, half], targets).item() == pytest.approx((0 + 0.25) / 2, abs=1e-6)
+    dropped = _one_object_targets(dropped=True)
+    assert not dropped.grounded[0].any() and dropped.grounded[1].sum() == 12
+
+
+def test_grounded_cells_follow_the_renderer():
+    """An object's cells: its area-pooled coverage above 10% (its most covered cell always); the
+    background words' cells are those of no object."""
+    targets = _one_object_targets()
+    masks = targets.masks(4).reshape(2, -1, 4, 4)
+    red = masks[0, 3]  # BOS "a large red circle on the left": position 3 is the colour word
+    blocks = targets.coverage[0, 0].reshape(4, 4, 4, 4).mean(dim=(1, 3))  # 16 px -> 4x4 cells of 4x4 px
+    torch.testing.assert_close(red, (blocks > 0.1).float())
+    assert red[1:3, 0].all() and red.sum() <= 4 and not red[:, 2:].any()  # x 0.06-0.31, y 0.38-0.63 of the side
+    assert [masks[0, k].equal(red) for k in (2, 4, 7)] == [True] * 3  # size, shape and position words too
+    assert not masks[0, [0, 1, 5, 6, 8, 9]].any()  # BOS, "a", "on the", "on a": not grounded
+    background = masks[0, 10]  # "... on a plain gray background": BOS + 7 + "on a" -> the noun at 10-12
+    torch.testing.assert_close(background, 1 - red)
+    small = _one_object_targets(side_resolution=64).masks(2).reshape(2, -1, 2, 2)[1, 1 + 8 + 2]  # the small ring's colour word
+    assert small.sum() == 1  # under 10% of any 32x32 px cell, yet it owns its most covered cell
+
+
+def test_caption_positions_point_at_the_words():
+    """The template positions name the tokens of the captions' words, for sampled layouts of 0-3 objects."""
+    from nulltext.models import clip_tokenizer
+    from nulltext.pocket.grounding import CaptionPositions
+    from nulltext.scenes import BACKGROUND_KINDS, COLOURS, POSITIONS, SHAPES, SIZES, LayoutTokenizer, sample_layout
+
+    tokenizer = clip_tokenizer()
+    tokens = LayoutTokenizer(tokenizer)
+    positions = CaptionPositions(tokens)
+    layout = sample_layout(40, 3)
+    layout = dataclasses.replace(layout, count=torch.where(torch.arange(40) < 4, 0, layout.count))  # 4 lone backgrounds
+    ids = tokens(layout)
+    words = positions.object_words(layout)
+    start, end = positions.background_words(layout)
+    single = lambda w: tokenizer(w, add_special_tokens=False).input_ids[0]  # noqa: E731
+    for b in range(40):
+        for j in range(int(layout.count[b])):
+            expected = [SIZES[layout.size[b, j]], COLOURS[layout.colour[b, j]], SHAPES[layout.shape[b, j]], POSITIONS[layout.position[b, j]]]
+            assert ids[b, words[b, j]].tolist() == [single(w) for w in expected]
+        scene = layout[b].scenes()[0]
+        noun = tokenizer(f"{scene.background_colour} {scene.background}", add_special_tokens=False).input_ids
+        text = tokenizer.decode(ids[b, start[b] : end[b]])
+        assert text.split()[-1] == "background" and scene.background_colour in text, text
+        assert len(noun) >= 2 and int(ids[b, end[b]]) == tokens.eos  # the noun ends the caption
+    assert int(layout.kind.unique().numel()) == len(BACKGROUND_KINDS)
+
+
+def test_recording_processor_equals_the_default_attention():
+    """The training processor (explicit softmax, maps kept with gradients) computes what diffusers'
+    default processors compute, to float noise; the UNet's own processors are back after the block."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from nulltext.pocket.grounding import recording_cross_attention
+
+    cfg = _tiny_config(Path("/unused"), "p")
+    unet = build_models(cfg)["unet"].eval()
+    default = {k: type(v) for k, v in unet.attn_processors.items()}
+    g = torch.Generator().manual_seed(0)
+    z, context = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 16, generator=g)
+    t = torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        reference = unet(z, t, encoder_hidden_states=context).sample
+        with recording_cross_attention(unet, ("down", "mid", "up")) as recorder:
+            recorded = unet(z, t, encoder_hidden_states=context).sample
+        assert {k: type(v) for k, v in unet.attn_processors.items()} == default
+        unet.set_attn_processor(AttnProcessor())
+        classic = unet(z, t, encoder_hidden_states=context).sample
+    torch.testing.assert_close(recorded, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recorded, classic, atol=1e-5, rtol=1e-5)
+    # down 8x8, mid 4x4, up 8x8 (an up block has one layer more than a down block)
+    assert [m.shape for m in recorder.maps] == [(3, 64, 77), (3, 16, 77), (3, 64, 77), (3, 64, 77)]
+    torch.testing.assert_close(recorder.maps[0].sum(-1), torch.ones(3, 64))
+
+
+def test_token_loss_gradients_reach_only_the_unet_and_text_encoder(trained, tmp_path):
+    """The trainer's UNet-phase losses with grounding on: L_token's gradients reach the UNet's attention
+    and the text encoder, never the autoencoder, nor the UNet layers after the last cross-attention."""
+    whole, _, _ = trained
+    trainer = Trainer(_tiny_config(tmp_path, "grad", vae_from=str(whole), grounding={"weight": 0.5}))
+    losses = trainer.unet_losses(0)
+    assert set(losses) == {"loss", "token_loss", "total"}
+    assert losses["total"].item() == pytest.approx(losses["loss"].item() + 0.5 * losses["token_loss"].item(), rel=1e-6)
+    assert 0 < losses["token_loss"].item() < 1
+    losses["token_loss"].backward()
+    unet, text, vae = (trainer.models[k] for k in ("unet", "text_encoder", "vae"))
+    assert all(p.grad is None for p in vae.parameters())
+    assert text.get_input_embeddings().weight.grad.abs().sum() > 0
+    attn2 = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    assert attn2 and all(m.to_k.weight.grad.abs().sum() > 0 and m.to_q.weight.grad.abs().sum() > 0 for m in attn2)
+    assert unet.conv_out.weight.grad is None  # after every map: nothing of L_token flows there
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"grounding": {"weight": -1.0}}, "grounding.weight=-1.0 is not allowed"),
+    ({"grounding": {"places": ["middle"]}}, "grounding.places=['middle'] is not allowed"),
+    ({"grounding": {"cell_threshold": 2}}, "grounding.cell_threshold=2.0 is not allowed"),
+])
+def test_bad_grounding_settings_are_one_line_errors(tmp_path, setting, message):
+    from nulltext.validation import SettingError
+
+    with pytest.raises(SettingError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        train(_tiny_config(tmp_path, "bad", **setting))
 
 
 def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():

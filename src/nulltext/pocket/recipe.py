@@ -93,3 +93,8 @@ def check_config(cfg: DictConfig) -> None:
     check_probability("unet_train.caption_dropout", u.caption_dropout)
     check_probability("unet_train.ema_decay", u.ema_decay)
     check_int("unet_train.scale_batches", u.scale_batches, 1)
+    check_float("grounding.weight", cfg.grounding.weight, 0.0)
+    places = OmegaConf.to_container(cfg.grounding.places) if OmegaConf.is_list(cfg.grounding.places) else cfg.grounding.places
+    if not isinstance(places, list) or not places or any(p not in ("down", "mid", "up") for p in places):
+        raise SettingError(f"grounding.places={places!r} is not allowed: a non-empty list of down, mid, up")
+    check_float("grounding.cell_threshold", cfg.grounding.cell_threshold, 0.0, 1.0)

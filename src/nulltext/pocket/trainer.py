@@ -4,8 +4,9 @@
     :func:`nulltext.pocket.batches.vae_batch`; optionally a decoder-only fine-tune at the end.
 (b) UNet (``UNet2DConditionModel``) + ``CLIPTextModel`` jointly, epsilon prediction on the SD DDIM
     noise schedule, on scenes generated on the fly on the training device, 10% empty captions
-    (classifier-free guidance), EMA of both. Between the phases the latent ``scaling_factor`` is
-    set to 1 / std of the VAE posterior means of training scenes.
+    (classifier-free guidance), EMA of both; optionally TokenCompose's token loss on the
+    cross-attention maps (recipe key ``grounding``, :mod:`nulltext.pocket.grounding`). Between the
+    phases the latent ``scaling_factor`` is set to 1 / std of the VAE posterior means of training scenes.
 
 Every random draw of step ``s`` comes from generators seeded by ``(seed, phase, s)``, so a resumed
 run is the same as an uninterrupted one. A checkpoint (models, optimizers, EMA, step, RNG states)
@@ -30,6 +31,7 @@ import json
 import os
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -38,17 +40,19 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
 from nulltext.models import SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, resolve_device
-from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch, vae_batch
+from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch_host, vae_batch
 from nulltext.pocket.export import assemble_pipeline, weights_sha256, write_pipeline
+from nulltext.pocket.grounding import CaptionPositions, GroundingTargets, recording_cross_attention, token_loss
 from nulltext.pocket.recipe import build_models, check_config, data_seed, lr_at, resolve_path, step_generator
-from nulltext.scenes import LayoutTokenizer, sample_layout
+from nulltext.scenes import LayoutTokenizer, object_coverage, sample_layout
 from nulltext.validation import SettingError
 
 
 class CSVLog:
-    """One line per ``log_every`` steps: step, phase, loss, lr, samples/s, elapsed minutes."""
+    """One line per ``log_every`` steps: step, phase, loss (the denoising MSE in the UNet phase), lr,
+    samples/s, elapsed minutes, and the extra loss terms of the UNet phase (empty when off)."""
 
-    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min")
+    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss")
 
     def __init__(self, path: Path):
         self.path = path
@@ -59,8 +63,8 @@ class CSVLog:
 
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow([row[k] for k in self.fields])
-        print(" ".join(f"{k}={row[k]}" for k in self.fields), flush=True)
+            csv.writer(f).writerow([row.get(k, "") for k in self.fields])
+        print(" ".join(f"{k}={row[k]}" for k in self.fields if row.get(k, "") != ""), flush=True)
 
 
 class EMA:
@@ -129,6 +133,7 @@ class Trainer:
         self.log = CSVLog(self.run_dir / "curves.csv")
         self.tokenizer = clip_tokenizer()
         self.tokens = LayoutTokenizer(self.tokenizer)
+        self.positions = CaptionPositions(self.tokens)
         self.photos: PhotoCrops | None = None
 
     # -- phase state ------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ class Trainer:
         return self.elapsed_before + (time.monotonic() - self.t0) / 60
 
     # -- steps -------------------------------------------------------------------------------------
-    def vae_step(self) -> float:
+    def vae_step(self) -> dict[str, float]:
         cfg, v, vae = self.cfg, self.cfg.vae_train, self.models["vae"]
         if self.photos is None and v.photo_fraction > 0:
             self.photos = PhotoCrops(v.photo_source_resolution, list(v.holdout_photos), self.device)
@@ -268,7 +273,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], v.grad_clip)
         self.opt.step()
         self.samples_seen += x.shape[0]
-        return float(mse.detach())
+        return {"loss": float(mse.detach())}
 
     @torch.no_grad()
     def measure_scaling_factor(self) -> float:
@@ -281,29 +286,47 @@ class Trainer:
             means.append(vae.encode(x).latent_dist.mean.float())
         return float(1.0 / torch.cat(means).std())
 
-    def unet_step(self) -> float:
-        cfg, u = self.cfg, self.cfg.unet_train
+    def unet_losses(self, step: int) -> dict[str, torch.Tensor]:
+        """The UNet phase's loss terms on the batch of ``step``: ``loss`` (the denoising MSE), the
+        extra terms switched on in the recipe (``token_loss``: :mod:`nulltext.pocket.grounding`) and
+        ``total``, their weighted sum (what is minimised)."""
+        cfg, u, grounding = self.cfg, self.cfg.unet_train, self.cfg.grounding
         unet, text, vae = self.models["unet"], self.models["text_encoder"], self.models["vae"]
         n = u.batch_size
-        x, ids = unet_batch(cfg, self.step, self.tokens, self.device)
-        g = step_generator(cfg.seed, "unet", self.step, self.device)
+        layout, ids, dropped = unet_batch_host(cfg, step, self.tokens)
+        x, ids = scene_images(layout, cfg.resolution, self.device), ids.to(self.device, non_blocking=True)
+        g = step_generator(cfg.seed, "unet", step, self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             z0 = vae.encode(x).latent_dist.mean.float() * self.scaling_factor
         t = torch.randint(0, 1000, (n,), generator=g, device=self.device)
         noise = torch.randn(z0.shape, generator=g, device=self.device)
         ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
+        record = grounding.weight > 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            context = text(ids)[0]
-            pred = unet(zt, t, encoder_hidden_states=context).sample.float()
-        loss = F.mse_loss(pred, noise)
+            with recording_cross_attention(unet, list(grounding.places)) if record else nullcontext() as recorder:
+                context = text(ids)[0]
+                pred = unet(zt, t, encoder_hidden_states=context).sample.float()
+        losses = {"loss": F.mse_loss(pred, noise)}
+        total = losses["loss"]
+        if grounding.weight > 0:
+            coverage = object_coverage(layout, cfg.resolution, self.device)
+            targets = GroundingTargets(self.positions, layout, coverage, dropped, float(grounding.cell_threshold))
+            losses["token_loss"] = token_loss(recorder.maps, targets)
+            total = total + float(grounding.weight) * losses["token_loss"]
+        losses["total"] = total
+        return losses
+
+    def unet_step(self) -> dict[str, float]:
+        unet, text = self.models["unet"], self.models["text_encoder"]
+        losses = self.unet_losses(self.step)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], u.grad_clip)
+        losses["total"].backward()
+        torch.nn.utils.clip_grad_norm_([p for grp in self.opt.param_groups for p in grp["params"]], self.cfg.unet_train.grad_clip)
         self.opt.step()
         self.ema.update({"unet": unet, "text_encoder": text}, self.step)
-        self.samples_seen += n
-        return float(loss.detach())
+        self.samples_seen += self.cfg.unet_train.batch_size
+        return {k: float(v.detach()) for k, v in losses.items() if k != "total"}
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path | None:
@@ -355,13 +378,14 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == total:
                 now = time.monotonic()
                 rate = (self.samples_seen - window_n) / max(now - window_t, 1e-9)
+                means = {k: f"{sum(row[k] for row in losses) / len(losses):.5f}" for k in losses[0]}
                 self.log.write(
                     phase=self.phase,
                     step=self.step,
-                    loss=f"{sum(losses) / len(losses):.5f}",
                     lr=f"{self.opt.param_groups[0]['lr']:.3e}",
                     samples_per_s=f"{rate:.1f}",
                     elapsed_min=f"{self.elapsed_min():.2f}",
+                    **means,
                 )
                 window_t, window_n, losses = now, self.samples_seen, []
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < total:
