@@ -2,12 +2,14 @@
 
     python scripts/train_pocket_model.py                              # the GPU recipe (conf/train_pocket.yaml)
     python scripts/train_pocket_model.py --config-name train_pocket_cpu   # the CPU stand-in
-    python scripts/train_pocket_model.py resume=true max_minutes=9    # continue from the last checkpoint
+    python scripts/train_pocket_model.py max_minutes=9                # the same command again continues the run
     python scripts/train_pocket_model.py --config-name train_pocket_cpu_continue init_from=models/pocket
                                                                       # train a saved model's UNet further
 
 The training is :func:`nulltext.pocket.trainer.train` (phases, checkpoints, ``init_from`` and
-``vae_from``: see :mod:`nulltext.pocket.trainer`); this script reads the recipe with Hydra.
+``vae_from``: see :mod:`nulltext.pocket.trainer`); this script reads the recipe with Hydra. A run
+keeps its checkpoint outside the work tree (``~/.cache/nulltext/pocket/<run_name>`` by default):
+the same command, in any clone, continues it; ``resume=false`` starts it afresh.
 """
 
 import sys

@@ -84,14 +84,67 @@ def trained(tmp_path_factory):
 
 
 def test_training_resumes_to_the_same_weights(trained):
+    """Cut in the VAE phase and in the UNet phase, resumed: bit for bit the uninterrupted run's weights."""
+    import json
+
     whole, split, tmp = trained
     a, b = _weights(whole), _weights(split)
     assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    sessions = json.loads((split / "training.json").read_text())["sessions"]
+    assert [(s["from"], s["to"]) for s in sessions] == [("vae:0", "vae:1"), ("vae:1", "unet:2"), ("unet:2", "unet:4")]
+    phases = json.loads((whole / "training.json").read_text())["phases"]
+    assert {k: (p["steps"], p["samples"]) for k, p in phases.items()} == {"vae": (3, 12), "decoder": (2, 8), "unet": (4, 16)}
     curves = (tmp / "whole" / "run" / "curves.csv").read_text().splitlines()
     assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss"]
     assert len(curves) == 1 + 3 + 2 + 4
+
+
+def test_a_grounded_run_resumes_from_the_cache_in_another_clone(trained, tmp_path, monkeypatch):
+    """The run's checkpoint lives in nulltext's cache (NULLTEXT_CACHE here), not the work tree: a
+    grounded run stopped at UNet step 2 and continued by the same command from another working
+    directory (a fresh clone) ends bit for bit where the uninterrupted run does; training.json adds
+    up the minutes and samples of both sessions; export_only probes the checkpoint without touching it;
+    a changed recipe is refused (one line naming the setting), a changed step count is not."""
+    import json
+
+    from nulltext.models import cache_folder
+    from nulltext.validation import SettingError
+
+    whole, _, _ = trained
+
+    def config(name, **more):
+        base = _tiny_config(tmp_path, name, vae_from=str(whole), grounding={"weight": 0.5}, unet_train={"steps": 5, "warmup": 1})
+        cfg = OmegaConf.merge(base, more)
+        cfg.run_dir, cfg.run_name = None, name
+        return cfg
+
+    reference = train(config("once"))
+    monkeypatch.chdir(tmp_path)
+    assert train(config("cut", stop_at="unet:2")) is None
+    checkpoint = cache_folder() / "pocket" / "cut" / "checkpoint.pt"
+    assert checkpoint.exists() and not (tmp_path / "cut" / "run").exists()
+    before = checkpoint.read_bytes()
+    probe = train(config("cut", export_only=True, output_dir=str(tmp_path / "probe")))
+    assert checkpoint.read_bytes() == before and json.loads((probe / "training.json").read_text())["unet_steps_done"] == 2
+    with pytest.raises(SettingError, match=r"another recipe \(grounding.weight: 0.5 -> 1.0\)"):
+        train(config("cut", grounding={"weight": 1.0}))
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    monkeypatch.chdir(clone)
+    resumed = train(config("cut"))
+    a, b = _weights(reference), _weights(resumed)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    info = json.loads((resumed / "training.json").read_text())
+    assert [(s["from"], s["to"], s["samples"]) for s in info["sessions"]] == [("unet:0", "unet:2", 8), ("unet:2", "unet:5", 12)]
+    assert info["phases"]["unet"]["samples"] == info["samples_seen"] == 20
+    assert info["phases"]["unet"]["minutes"] == pytest.approx(sum(s["minutes"] for s in info["sessions"]), abs=2e-3)
+    assert all(s["minutes"] > 0 and s["cpu_minutes"] > 0 and s["threads"] == 1 for s in info["sessions"])
+    curves = (cache_folder() / "pocket" / "cut" / "curves.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in curves] == ["1", "2", "3", "4", "5"] and all(row.split(",")[-1] for row in curves)
+    longer = train(config("cut", unet_train={"steps": 6}))  # more steps: the same run goes on
+    assert json.loads((longer / "training.json").read_text())["unet_steps_done"] == 6
 
 
 def test_saved_folder_loads_with_load_pipeline(trained):

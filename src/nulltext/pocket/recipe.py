@@ -12,16 +12,49 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from nulltext.models import CLIP_CONTEXT_LENGTH, resolve_device
+from nulltext.models import CLIP_CONTEXT_LENGTH, cache_folder, resolve_device
 from nulltext.validation import SettingError
 
 PHASES = ("vae", "decoder", "unet")
+# Settings a resumed run may change: how it runs, not what it trains. unet_train.steps may grow or
+# shrink a run (it moves the end of the cosine schedule: recorded per session in training.json).
+RUN_CONTROL = (
+    "resume", "max_minutes", "finish_on_budget", "checkpoint_every", "log_every", "stop_at", "threads", "device",
+    "output_dir", "run_dir", "run_name", "save_dtype", "export_only", "unet_train.steps",
+)
 
 
 def resolve_path(path: str) -> Path:
     """Relative paths are relative to the directory the command was started from."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(os.getcwd()) / p
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    """Where a run keeps its checkpoint and curves: ``run_dir`` when given, else
+    ``<nulltext cache>/pocket/<run_name>`` (:func:`nulltext.models.cache_folder`), outside the work
+    tree, so the same command resumes the run from any clone of the repository."""
+    if cfg.get("run_dir"):
+        return resolve_path(cfg.run_dir)
+    return cache_folder() / "pocket" / str(cfg.run_name)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """Settings of ``current`` that differ from a checkpoint's ``saved`` ones (run control left out):
+    ``{key: (saved, current)}``."""
+    a, b = flatten(saved), flatten(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in RUN_CONTROL and a.get(k) != b.get(k)}
 
 
 def step_generator(seed: int, phase: str, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -62,8 +95,10 @@ def check_config(cfg: DictConfig) -> None:
 
     v, u = cfg.vae_train, cfg.unet_train
     check_seed("seed", cfg.seed)
+    if not cfg.get("run_dir") and (not isinstance(cfg.get("run_name"), str) or not cfg.run_name or "/" in cfg.run_name):
+        raise SettingError(f"run_name={cfg.get('run_name')!r} is not allowed: a folder name (no '/') for the run's checkpoints")
     resolve_device(cfg.device, "device")
-    for name in ("bf16", "resume", "finish_on_budget"):
+    for name in ("bf16", "resume", "finish_on_budget", "export_only"):
         check_bool(name, cfg.get(name, False))
     if cfg.threads is not None:
         check_int("threads", cfg.threads, 1)

@@ -9,11 +9,15 @@
     phases the latent ``scaling_factor`` is set to 1 / std of the VAE posterior means of training scenes.
 
 Every random draw of step ``s`` comes from generators seeded by ``(seed, phase, s)``, so a resumed
-run is the same as an uninterrupted one. A checkpoint (models, optimizers, EMA, step, RNG states)
-is written every ``checkpoint_every`` steps, on SIGTERM/SIGINT and when ``max_minutes`` is spent;
-``resume=true`` continues from it. At the end the EMA weights are written with
-``StableDiffusionPipeline.save_pretrained`` into ``output_dir`` (loadable with
-``nulltext.models.load_pipeline``).
+run is the same as an uninterrupted one (bit for bit on the CPU: tested). A checkpoint (models,
+optimizer, EMA, phase and step, RNG states, the :class:`Ledger` of minutes and samples) is written
+atomically every ``checkpoint_every`` steps, on SIGTERM/SIGINT and when ``max_minutes`` is spent,
+into the run's folder (:func:`nulltext.pocket.recipe.run_folder`: by default in nulltext's cache,
+outside the work tree); with ``resume=true`` (the default) the same command continues from it, also
+days later and from a fresh clone, and refuses a checkpoint of another recipe. At the end the EMA
+weights are written with ``StableDiffusionPipeline.save_pretrained`` into ``output_dir`` (loadable
+with ``nulltext.models.load_pipeline``), with ``training.json``: the recipe, and the minutes (wall
+and process CPU) and samples of every phase and every session of the run.
 
 ``init_from=<folder>`` starts phase (b) from a model this package saved (its VAE and scaling factor
 are kept): a second training stage, recorded in ``training.json`` with the first stage's totals.
@@ -28,10 +32,10 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
 import signal
 import time
 from contextlib import nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -39,11 +43,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
+from nulltext.io import atomic_write
 from nulltext.models import SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, resolve_device
 from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch_host, vae_batch
 from nulltext.pocket.export import assemble_pipeline, weights_sha256, write_pipeline
 from nulltext.pocket.grounding import CaptionPositions, GroundingTargets, recording_cross_attention, token_loss
-from nulltext.pocket.recipe import build_models, check_config, data_seed, lr_at, resolve_path, step_generator
+from nulltext.pocket.recipe import build_models, check_config, data_seed, lr_at, recipe_changes, resolve_path, run_folder, step_generator
 from nulltext.scenes import LayoutTokenizer, object_coverage, sample_layout
 from nulltext.validation import SettingError
 
@@ -100,12 +105,53 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+class Ledger:
+    """Wall-clock minutes, process CPU minutes and samples of every phase and every session (one call
+    of the training command: a resumed run has several) of a run, carried in its checkpoints."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict] = {}
+        self.sessions: list[dict] = []
+
+    def start_session(self, phase: str, step: int, device: torch.device) -> None:
+        self.sessions.append({
+            "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+            "threads": torch.get_num_threads(), "from": f"{phase}:{step}", "to": f"{phase}:{step}",
+            "minutes": 0.0, "cpu_minutes": 0.0, "samples": 0, "steps": 0,
+        })
+        self._clock = (time.monotonic(), time.process_time())
+
+    def count(self, phase: str, step: int, samples: int) -> None:
+        """One step done (``step`` is the number done in ``phase``): the time since the last count is its."""
+        wall, cpu = time.monotonic(), time.process_time()
+        minutes, cpu_minutes = (wall - self._clock[0]) / 60, (cpu - self._clock[1]) / 60
+        self._clock = (wall, cpu)
+        entry = self.phases.setdefault(phase, {"minutes": 0.0, "cpu_minutes": 0.0, "samples": 0, "steps": 0})
+        for row in (entry, self.sessions[-1]):
+            row["minutes"] += minutes
+            row["cpu_minutes"] += cpu_minutes
+            row["samples"] += samples
+            row["steps"] += 1
+        self.sessions[-1]["to"] = f"{phase}:{step}"
+
+    def state_dict(self) -> dict:
+        return {"phases": copy.deepcopy(self.phases), "sessions": copy.deepcopy(self.sessions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.phases, self.sessions = copy.deepcopy(state["phases"]), copy.deepcopy(state["sessions"])
+
+    def summary(self) -> dict:
+        """The ledger rounded for ``training.json``."""
+        r = lambda row: {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}  # noqa: E731
+        return {"phases": {k: r(v) for k, v in self.phases.items()}, "sessions": [r(v) for v in self.sessions]}
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.autocast = bool(cfg.bf16) and self.device.type == "cuda"
-        self.run_dir = resolve_path(cfg.run_dir)
+        self.run_dir = run_folder(cfg)
         self.ckpt_path = self.run_dir / "checkpoint.pt"
         self.models = build_models(cfg)
         for m in self.models.values():
@@ -123,13 +169,15 @@ class Trainer:
         self.opt: torch.optim.Optimizer | None = None
         self.ema: EMA | None = None
         self.elapsed_before = 0.0  # minutes spent in earlier (resumed) calls
+        self.t0 = time.monotonic()
         self.samples_seen = 0
+        self.ledger = Ledger()
         self.stop_requested = False
         self._new_phase_state()
-        if cfg.resume and self.ckpt_path.exists():
+        if (cfg.resume or cfg.get("export_only")) and self.ckpt_path.exists():
             self.load_checkpoint()
         elif cfg.resume:
-            print(f"resume=true but no checkpoint at {self.ckpt_path}: starting from scratch", flush=True)
+            print(f"no checkpoint at {self.ckpt_path}: starting from scratch", flush=True)
         self.log = CSVLog(self.run_dir / "curves.csv")
         self.tokenizer = clip_tokenizer()
         self.tokens = LayoutTokenizer(self.tokenizer)
@@ -170,33 +218,44 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Everything a resumed run needs, written atomically (a kill leaves the previous checkpoint):
+        models, optimizer, EMA, phase and step (the batch position: every draw of a step is seeded by
+        it, and the learning rate is a function of it), RNG states, the ledger and the recipe."""
         state = {
             "phase": self.phase,
             "step": self.step,
+            "lr": self.opt.param_groups[0]["lr"] if self.opt is not None else None,
             "scaling_factor": self.scaling_factor,
             "models": {k: m.state_dict() for k, m in self.models.items()},
             "optimizer": self.opt.state_dict() if self.opt is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "elapsed_min": self.elapsed_min(),
             "samples_seen": self.samples_seen,
+            "ledger": self.ledger.state_dict(),
             "init_from": self.init_info,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(state, tmp))
         print(f"checkpoint: phase={self.phase} step={self.step} -> {self.ckpt_path}", flush=True)
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        changes = recipe_changes(state["config"], OmegaConf.to_container(self.cfg, resolve=True))
+        if changes:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+            raise SettingError(
+                f"the checkpoint in {self.run_dir} was trained with another recipe ({listed}): resume it with the same "
+                "settings, give resume=false to start that run afresh, or run_name=<new name> for a separate run"
+            )
         for k, m in self.models.items():
             m.load_state_dict(state["models"][k])
         self.phase, self.step = state["phase"], state["step"]
         self.scaling_factor = state["scaling_factor"]
         self.elapsed_before = state["elapsed_min"]
         self.samples_seen = state.get("samples_seen", 0)
+        if "ledger" in state:
+            self.ledger.load_state_dict(state["ledger"])
         self.init_info = state.get("init_from")
         self._new_phase_state()
         if state["optimizer"] is not None and self.phase != "done":
@@ -331,6 +390,7 @@ class Trainer:
     # -- main loop ---------------------------------------------------------------------------------
     def run(self) -> Path | None:
         self.t0 = time.monotonic()
+        self.ledger.start_session(self.phase, self.step, self.device)
         handler_prev = {}
 
         def on_signal(signum, frame):
@@ -367,6 +427,7 @@ class Trainer:
                     return self.export()
                 print("stopped before the end: continue with resume=true", flush=True)
                 return None
+            samples_before = self.samples_seen
             if self.phase in ("vae", "decoder"):
                 base = cfg.vae_train.lr if self.phase == "vae" else cfg.vae_train.decoder_lr
                 set_lr(self.opt, lr_at(self.step, total, base, cfg.vae_train.warmup))
@@ -375,6 +436,7 @@ class Trainer:
                 set_lr(self.opt, lr_at(self.step, total, cfg.unet_train.lr, cfg.unet_train.warmup))
                 losses.append(self.unet_step())
             self.step += 1
+            self.ledger.count(self.phase, self.step, self.samples_seen - samples_before)
             if self.step % cfg.log_every == 0 or self.step == total:
                 now = time.monotonic()
                 rate = (self.samples_seen - window_n) / max(now - window_t, 1e-9)
@@ -424,6 +486,8 @@ class Trainer:
             "vae_from": None if self.vae_source is None else {"folder": str(self.cfg.vae_from), "sha256": weights_sha256(self.vae_source)},
             "total_training_minutes": round(self.elapsed_min() + (self.init_info or {}).get("training_minutes", 0.0), 2),
             "total_samples_seen": self.samples_seen + (self.init_info or {}).get("samples_seen", 0),
+            "cpu_minutes": round(sum(p["cpu_minutes"] for p in self.ledger.phases.values()), 2),
+            **self.ledger.summary(),
             "device": str(self.device),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in self.models.items()},
@@ -435,17 +499,22 @@ class Trainer:
 
 
 def train(cfg: DictConfig) -> Path | None:
-    """Run (or continue) training; returns the exported folder, or None if stopped early."""
+    """Run (or continue) training; returns the exported folder, or None if stopped early.
+
+    ``export_only=true`` exports the EMA of the run's latest checkpoint into ``output_dir`` and
+    trains nothing (a probe of a run that goes on: the checkpoint is only read)."""
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    if not cfg.resume:
-        ckpt = resolve_path(cfg.run_dir) / "checkpoint.pt"
-        if ckpt.exists():
-            ckpt.unlink()
-        curves = resolve_path(cfg.run_dir) / "curves.csv"
-        if curves.exists():
-            curves.unlink()
+    checkpoint = run_folder(cfg) / "checkpoint.pt"
+    if cfg.get("export_only"):
+        if not checkpoint.exists():
+            raise SettingError(f"export_only=true: no checkpoint at {checkpoint} to export; run the training first")
+        return Trainer(cfg).export()
+    if not cfg.resume:  # afresh: the run's earlier checkpoint goes
+        checkpoint.unlink(missing_ok=True)
+    if not checkpoint.exists():  # nor curves of an attempt that never checkpointed
+        (run_folder(cfg) / "curves.csv").unlink(missing_ok=True)
     trainer = Trainer(cfg)
     print(
         "parameters: "
