@@ -96,7 +96,8 @@ def test_training_resumes_to_the_same_weights(trained):
     phases = json.loads((whole / "training.json").read_text())["phases"]
     assert {k: (p["steps"], p["samples"]) for k, p in phases.items()} == {"vae": (3, 12), "decoder": (2, 8), "unet": (4, 16)}
     curves = (tmp / "whole" / "run" / "curves.csv").read_text().splitlines()
-    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss"]
+    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss",
+                                    "padding_attention_loss", "padding_match_loss"]
     assert len(curves) == 1 + 3 + 2 + 4
 
 
@@ -142,7 +143,7 @@ def test_a_grounded_run_resumes_from_the_cache_in_another_clone(trained, tmp_pat
     assert info["phases"]["unet"]["minutes"] == pytest.approx(sum(s["minutes"] for s in info["sessions"]), abs=2e-3)
     assert all(s["minutes"] > 0 and s["cpu_minutes"] > 0 and s["threads"] == 1 for s in info["sessions"])
     curves = (cache_folder() / "pocket" / "cut" / "curves.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[1] for row in curves] == ["1", "2", "3", "4", "5"] and all(row.split(",")[-1] for row in curves)
+    assert [row.split(",")[1] for row in curves] == ["1", "2", "3", "4", "5"] and all(row.split(",")[6] for row in curves)  # token_loss
     longer = train(config("cut", unet_train={"steps": 6}))  # more steps: the same run goes on
     assert json.loads((longer / "training.json").read_text())["unet_steps_done"] == 6
 
@@ -383,12 +384,112 @@ def test_token_loss_gradients_reach_only_the_unet_and_text_encoder(trained, tmp_
     assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
 
 
+def _ids(captions, length=77):
+    from nulltext.models import clip_tokenizer
+
+    return clip_tokenizer()(captions, padding="max_length", max_length=length, return_tensors="pt").input_ids
+
+
+def test_position_classes_and_padding_losses_have_known_answers():
+    """Start / words / EOS / padding positions of real token ids; the padding attention loss is the
+    mass on EOS + padding (0 on start and words, 1 all on padding); the padding match loss is the
+    relative squared distance to the empty caption's outputs over the padding of kept captions."""
+    from nulltext.pocket.leak import padding_attention_loss, padding_match_loss, position_classes
+
+    ids = _ids(["a red circle", ""])
+    eos = int(ids[1, 1])
+    classes = position_classes(ids, eos)
+    assert classes[0, :6].tolist() == [0, 1, 1, 1, 2, 3] and classes[1, :3].tolist() == [0, 2, 3] and (classes[:, 6:] == 3).all()
+    on_words = torch.zeros(2, 5, 77)
+    on_words[..., 0] = 0.5
+    on_words[0, :, 1:4] = 0.5 / 3
+    on_words[1, :, 0] = 1.0
+    on_padding = torch.zeros(2, 5, 77)
+    on_padding[..., 30] = 1.0
+    assert padding_attention_loss([on_words], ids, eos).item() == 0.0
+    assert padding_attention_loss([on_padding], ids, eos).item() == 1.0
+    assert padding_attention_loss([on_words, on_padding], ids, eos).item() == 0.5
+
+    empty = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0))
+    outputs = empty.repeat(2, 1, 1)
+    outputs[0, 1:5] += 3.0  # caption 0's words and EOS differ: not counted
+    outputs[1, 1] += 3.0  # the empty caption's EOS
+    assert padding_match_loss(outputs, empty, ids, eos, torch.tensor([False, False])).item() == 0.0
+    outputs[0, 5:] = 2 * empty[0, 5:]  # caption 0's padding: ||2e - e||^2 / ||e||^2 = 1
+    outputs[1, 2:] = -empty[0, 2:]  # caption 1 is dropped: ignored
+    assert padding_match_loss(outputs, empty, ids, eos, torch.tensor([False, True])).item() == pytest.approx(1.0)
+
+
+def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_path):
+    """With both padding losses and a 32-token context: the losses enter the total with their weights,
+    the attention loss's gradients reach the UNet, the match loss's only the text encoder, a few steps
+    on the attention loss alone lower it, and the exported model (tokenizer padding to 32) loads with
+    the stock StableDiffusionPipeline, with diffusers' default attention processors, and samples."""
+    from diffusers import StableDiffusionPipeline
+
+    whole, _, _ = trained
+    padding = {"attention_weight": 0.3, "match_weight": 0.2, "context_length": 32}
+    trainer = Trainer(_tiny_config(tmp_path, "pad", vae_from=str(whole), padding=padding))
+    losses = trainer.unet_losses(0)
+    assert set(losses) == {"loss", "padding_attention_loss", "padding_match_loss", "total"}
+    expected = losses["loss"] + 0.3 * losses["padding_attention_loss"] + 0.2 * losses["padding_match_loss"]
+    assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    unet, text = trainer.models["unet"], trainer.models["text_encoder"]
+    losses["padding_match_loss"].backward(retain_graph=True)
+    assert all(p.grad is None for p in unet.parameters()) and text.get_input_embeddings().weight.grad.abs().sum() > 0
+    losses["padding_attention_loss"].backward()
+    assert all(m.to_k.weight.grad.abs().sum() > 0 for n, m in unet.named_modules() if n.endswith("attn2"))
+
+    opt = torch.optim.Adam([*unet.parameters(), *text.parameters()], lr=1e-2)
+    start = trainer.unet_losses(0)["padding_attention_loss"].item()
+    for _ in range(5):
+        opt.zero_grad()
+        trainer.unet_losses(0)["padding_attention_loss"].backward()
+        opt.step()
+    assert trainer.unet_losses(0)["padding_attention_loss"].item() < 0.5 * start
+
+    out = train(_tiny_config(tmp_path, "pad", vae_from=str(whole), padding=padding, unet_train={"steps": 2}))
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.tokenizer.model_max_length == 32
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+    images = pipe("a large red circle on the left on a plain gray background", num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_leak_measures_on_a_trained_model(trained, tmp_path):
+    """Attention mass per layer (classes sum to 1, layers in call order) and the encoder change: a
+    causal encoder cannot change the start token or the words before the swapped one; the command
+    (scripts/measure_pocket_leak.py) writes them."""
+    import json
+
+    from nulltext.diffusion import Diffusion
+    from nulltext.models import load_pipeline
+    from nulltext.pocket.leak import POSITION_CLASSES, attention_mass, encoder_change, main, markdown, swapped_colour_scenes
+
+    whole, _, _ = trained
+    diffusion = Diffusion(load_pipeline(str(whole)), num_inference_steps=2)
+    scenes, targets = swapped_colour_scenes(2)
+    mass = attention_mass(diffusion, scenes, (900, 100))
+    assert [row["side"] for row in mass["layers"].values()] == [8, 4, 8, 8]  # down, mid, up, up
+    for row in [*mass["layers"].values(), mass["mean"]]:
+        assert sum(row[c] for c in POSITION_CLASSES) == pytest.approx(1.0, abs=1e-5)
+    change = encoder_change(diffusion, scenes, targets)
+    assert change["start"] == 0.0 and change["earlier words"] == 0.0 and change["swapped word"] > 0
+    assert "| **mean over layers** |" in markdown({"model": "tiny", "attention_mass": mass, "encoder_change": change})
+    main(["--model", str(whole), "--out", str(tmp_path), "--scenes", "2", "--timesteps", "900", "100"])
+    assert json.loads((tmp_path / "leak.json").read_text())["attention_mass"] == mass
+
+
 @pytest.mark.parametrize("setting, message", [
     ({"grounding": {"weight": -1.0}}, "grounding.weight=-1.0 is not allowed"),
     ({"grounding": {"places": ["middle"]}}, "grounding.places=['middle'] is not allowed"),
     ({"grounding": {"cell_threshold": 2}}, "grounding.cell_threshold=2.0 is not allowed"),
+    ({"padding": {"attention_weight": -0.1}}, "padding.attention_weight=-0.1 is not allowed"),
+    ({"padding": {"context_length": 30}}, "padding.context_length=30 is not allowed"),
+    ({"run_dir": None, "run_name": "a/b"}, "run_name='a/b' is not allowed"),
 ])
-def test_bad_grounding_settings_are_one_line_errors(tmp_path, setting, message):
+def test_bad_recipe_settings_are_one_line_errors(tmp_path, setting, message):
     from nulltext.validation import SettingError
 
     with pytest.raises(SettingError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -41,7 +41,7 @@ def write_pipeline(pipe: StableDiffusionPipeline, out: Path, save_dtype: str, in
     if staging.exists():
         shutil.rmtree(staging)
     pipe.save_pretrained(staging, safe_serialization=True)
-    compact_tokenizer(staging / "tokenizer")
+    compact_tokenizer(staging / "tokenizer", pipe.tokenizer.model_max_length)
     if vae_source is not None:  # untouched by training: ship its own files, bit for bit
         shutil.rmtree(staging / "vae")
         shutil.copytree(vae_source, staging / "vae")
@@ -60,11 +60,14 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def compact_tokenizer(folder: Path) -> None:
-    """Replace the 3.6 MB ``tokenizer.json`` by the vocab.json + merges.txt it is built from (~2 MB)."""
+def compact_tokenizer(folder: Path, context_length: int) -> None:
+    """Replace the 3.6 MB ``tokenizer.json`` by the vocab.json + merges.txt it is built from (~2 MB);
+    the tokenizer pads to ``context_length`` (``model_max_length``, what the stock pipeline pads to)."""
     src = Path(clip_tokenizer().name_or_path)
     if not (src / "vocab.json").exists():
         return
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+    for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(src / name, folder / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": int(context_length)}))
     (folder / "tokenizer.json").unlink(missing_ok=True)

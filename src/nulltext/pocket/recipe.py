@@ -16,6 +16,7 @@ from nulltext.models import CLIP_CONTEXT_LENGTH, cache_folder, resolve_device
 from nulltext.validation import SettingError
 
 PHASES = ("vae", "decoder", "unet")
+LONGEST_CAPTION = 31  # tokens of a three-object template caption with the longest background, BOS and EOS
 # Settings a resumed run may change: how it runs, not what it trains. unet_train.steps may grow or
 # shrink a run (it moves the end of the cosine schedule: recorded per session in training.json).
 RUN_CONTROL = (
@@ -133,3 +134,6 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(places, list) or not places or any(p not in ("down", "mid", "up") for p in places):
         raise SettingError(f"grounding.places={places!r} is not allowed: a non-empty list of down, mid, up")
     check_float("grounding.cell_threshold", cfg.grounding.cell_threshold, 0.0, 1.0)
+    check_float("padding.attention_weight", cfg.padding.attention_weight, 0.0)
+    check_float("padding.match_weight", cfg.padding.match_weight, 0.0)
+    check_int("padding.context_length", cfg.padding.context_length, LONGEST_CAPTION, CLIP_CONTEXT_LENGTH)

@@ -5,7 +5,9 @@
 (b) UNet (``UNet2DConditionModel``) + ``CLIPTextModel`` jointly, epsilon prediction on the SD DDIM
     noise schedule, on scenes generated on the fly on the training device, 10% empty captions
     (classifier-free guidance), EMA of both; optionally TokenCompose's token loss on the
-    cross-attention maps (recipe key ``grounding``, :mod:`nulltext.pocket.grounding`). Between the
+    cross-attention maps (recipe key ``grounding``, :mod:`nulltext.pocket.grounding`) and the
+    options against the caption leak through the padding positions (recipe key ``padding``,
+    :mod:`nulltext.pocket.leak`). Between the
     phases the latent ``scaling_factor`` is set to 1 / std of the VAE posterior means of training scenes.
 
 Every random draw of step ``s`` comes from generators seeded by ``(seed, phase, s)``, so a resumed
@@ -48,6 +50,7 @@ from nulltext.models import SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, 
 from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch_host, vae_batch
 from nulltext.pocket.export import assemble_pipeline, weights_sha256, write_pipeline
 from nulltext.pocket.grounding import CaptionPositions, GroundingTargets, recording_cross_attention, token_loss
+from nulltext.pocket.leak import padding_attention_loss, padding_match_loss
 from nulltext.pocket.recipe import build_models, check_config, data_seed, lr_at, recipe_changes, resolve_path, run_folder, step_generator
 from nulltext.scenes import LayoutTokenizer, object_coverage, sample_layout
 from nulltext.validation import SettingError
@@ -57,7 +60,7 @@ class CSVLog:
     """One line per ``log_every`` steps: step, phase, loss (the denoising MSE in the UNet phase), lr,
     samples/s, elapsed minutes, and the extra loss terms of the UNet phase (empty when off)."""
 
-    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss")
+    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss", "padding_attention_loss", "padding_match_loss")
 
     def __init__(self, path: Path):
         self.path = path
@@ -180,7 +183,8 @@ class Trainer:
             print(f"no checkpoint at {self.ckpt_path}: starting from scratch", flush=True)
         self.log = CSVLog(self.run_dir / "curves.csv")
         self.tokenizer = clip_tokenizer()
-        self.tokens = LayoutTokenizer(self.tokenizer)
+        self.tokenizer.model_max_length = int(cfg.padding.context_length)  # the exported tokenizer pads to it
+        self.tokens = LayoutTokenizer(self.tokenizer, context_length=int(cfg.padding.context_length))
         self.positions = CaptionPositions(self.tokens)
         self.photos: PhotoCrops | None = None
 
@@ -347,9 +351,10 @@ class Trainer:
 
     def unet_losses(self, step: int) -> dict[str, torch.Tensor]:
         """The UNet phase's loss terms on the batch of ``step``: ``loss`` (the denoising MSE), the
-        extra terms switched on in the recipe (``token_loss``: :mod:`nulltext.pocket.grounding`) and
+        extra terms switched on in the recipe (``token_loss``: :mod:`nulltext.pocket.grounding`;
+        ``padding_attention_loss``, ``padding_match_loss``: :mod:`nulltext.pocket.leak`) and
         ``total``, their weighted sum (what is minimised)."""
-        cfg, u, grounding = self.cfg, self.cfg.unet_train, self.cfg.grounding
+        cfg, u, grounding, padding = self.cfg, self.cfg.unet_train, self.cfg.grounding, self.cfg.padding
         unet, text, vae = self.models["unet"], self.models["text_encoder"], self.models["vae"]
         n = u.batch_size
         layout, ids, dropped = unet_batch_host(cfg, step, self.tokens)
@@ -361,19 +366,26 @@ class Trainer:
         noise = torch.randn(z0.shape, generator=g, device=self.device)
         ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
-        record = grounding.weight > 0
+        record = grounding.weight > 0 or padding.attention_weight > 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             with recording_cross_attention(unet, list(grounding.places)) if record else nullcontext() as recorder:
                 context = text(ids)[0]
                 pred = unet(zt, t, encoder_hidden_states=context).sample.float()
         losses = {"loss": F.mse_loss(pred, noise)}
-        total = losses["loss"]
+        weights = {"loss": 1.0}
         if grounding.weight > 0:
             coverage = object_coverage(layout, cfg.resolution, self.device)
             targets = GroundingTargets(self.positions, layout, coverage, dropped, float(grounding.cell_threshold))
-            losses["token_loss"] = token_loss(recorder.maps, targets)
-            total = total + float(grounding.weight) * losses["token_loss"]
-        losses["total"] = total
+            losses["token_loss"], weights["token_loss"] = token_loss(recorder.maps, targets), float(grounding.weight)
+        if padding.attention_weight > 0:
+            losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos)
+            weights["padding_attention_loss"] = float(padding.attention_weight)
+        if padding.match_weight > 0:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                empty = text(self.tokens.empty[None].to(self.device))[0]
+            losses["padding_match_loss"] = padding_match_loss(context, empty, ids, self.tokens.eos, dropped)
+            weights["padding_match_loss"] = float(padding.match_weight)
+        losses["total"] = sum(weights[k] * v for k, v in losses.items())
         return losses
 
     def unet_step(self) -> dict[str, float]:
