@@ -8,8 +8,9 @@ the call, so every step depends on this call only:
 
 1. the imports it needs are checked first (one line naming what is missing, before any work);
 2. ``conf/train_pocket.yaml`` trains a fresh UNet + text encoder on the committed autoencoder
-   (``vae_from``) within ``--minutes`` less ``--reserve`` (kept for steps 3 and 4); when the budget
-   runs out the EMA weights are exported as they stand;
+   (``vae_from``), with the token-grounding loss (``grounding.weight``), within ``--minutes`` less
+   ``--reserve`` (kept for steps 3 and 4); when the budget runs out the EMA weights are exported as
+   they stand;
 3. the text-control and attention parts of :mod:`nulltext.pocket.evaluation` run on the device;
 4. at most 8 files of at most ``--part-mib`` MiB each are written into ``--out``: the exported
    model folder as a tar split into ``pocket.tar.part-00``, ``-01``, ..., the training curves,

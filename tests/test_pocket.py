@@ -55,6 +55,7 @@ def _tiny_config(tmp_path: Path, name: str, **overrides):
         },
         "vae_train": {"steps": 3, "batch_size": 4, "warmup": 1, "photo_fraction": 0.25, "photo_source_resolution": 32, "decoder_steps": 2},
         "unet_train": {"steps": 4, "batch_size": 4, "warmup": 1, "scale_batches": 1},
+        "grounding": {"weight": 0.0},  # on in the GPU recipe; the tests that need it switch it on
     }
     return OmegaConf.merge(cfg, tiny, overrides)
 
@@ -230,7 +231,7 @@ def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_p
     from nulltext.pocket.job import run_job
 
     whole, _, _ = trained
-    cfg = _tiny_config(tmp_path, "job", vae_from=str(whole), unet_train={"steps": 100_000, "warmup": 1})
+    cfg = _tiny_config(tmp_path, "job", vae_from=str(whole), unet_train={"steps": 100_000, "warmup": 1}, grounding={"weight": 0.5})
     out = tmp_path / "OUT"
     part_mib = 2.0  # the tiny model is ~5 MB (most of it the 49,408-token table in float32)
     eval_args = ["--steps", "2", "--text-images", "2", "--attention-images", "1", "--vae-images", "0", "--inv-images", "0", "--photos"]
@@ -423,7 +424,8 @@ def test_position_classes_and_padding_losses_have_known_answers():
 def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_path):
     """With both padding losses and a 32-token context: the losses enter the total with their weights,
     the attention loss's gradients reach the UNet, the match loss's only the text encoder, a few steps
-    on the attention loss alone lower it, and the exported model (tokenizer padding to 32) loads with
+    on the attention loss alone halve the EOS + padding share of every cross-attention layer (grounded
+    or not), and the exported model (tokenizer padding to 32) loads with
     the stock StableDiffusionPipeline, with diffusers' default attention processors, and samples."""
     from diffusers import StableDiffusionPipeline
 
@@ -440,13 +442,23 @@ def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_pa
     losses["padding_attention_loss"].backward()
     assert all(m.to_k.weight.grad.abs().sum() > 0 for n, m in unet.named_modules() if n.endswith("attn2"))
 
+    def padding_shares():  # per cross-attention layer, the mass on EOS + padding (leak.attention_mass)
+        from nulltext.diffusion import Diffusion
+        from nulltext.pocket.export import assemble_pipeline
+        from nulltext.pocket.leak import attention_mass, swapped_colour_scenes
+
+        pipe = assemble_pipeline(trainer.models["vae"], unet, text, trainer.tokenizer, trainer.scaling_factor)
+        mass = attention_mass(Diffusion(pipe, num_inference_steps=2), swapped_colour_scenes(2)[0], (500,))
+        return torch.tensor([row["eos"] + row["padding"] for row in mass["layers"].values()])
+
+    before = padding_shares()
     opt = torch.optim.Adam([*unet.parameters(), *text.parameters()], lr=1e-2)
-    start = trainer.unet_losses(0)["padding_attention_loss"].item()
     for _ in range(5):
         opt.zero_grad()
         trainer.unet_losses(0)["padding_attention_loss"].backward()
         opt.step()
-    assert trainer.unet_losses(0)["padding_attention_loss"].item() < 0.5 * start
+    after = padding_shares()
+    assert len(before) == 4 and (after < 0.5 * before).all(), (before, after)  # every layer, the middle block's too
 
     out = train(_tiny_config(tmp_path, "pad", vae_from=str(whole), padding=padding, unet_train={"steps": 2}))
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
@@ -507,6 +519,27 @@ def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
     assert weights_sha256(trainer.vae_source) == "251f642dd652d3f0eb2a8de8ee362073805cd2449badb49d1e12aa00e6b72fe1"
 
 
+@pytest.mark.parametrize("config_name, source, side", [
+    ("train_pocket_cpu_grounded", ROOT / "models" / "pocket-vae-h200" / "vae", 16),
+    pytest.param("train_pocket_cpu_grounded32", POCKET / "vae", 8, marks=needs_pocket),
+])
+def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, source, side, tmp_path):
+    """The new stand-in's recipes: a fresh UNet on the committed autoencoder (its scaling factor),
+    grounding and the padding attention loss on, checkpoints in the cache, the model not into models/."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config_name)
+    assert (cfg.grounding.weight, cfg.padding.attention_weight, cfg.padding.match_weight, cfg.padding.context_length) == (0.5, 0.2, 0.0, 77)
+    assert cfg.run_dir is None and cfg.run_name == cfg.profile and not cfg.output_dir.startswith("models")
+    cfg.vae_from = str(ROOT / cfg.vae_from)
+    trainer = Trainer(cfg)
+    assert trainer.phase == "unet" and trainer.models["unet"].config.sample_size == side
+    assert trainer.scaling_factor == json.loads((source / "config.json").read_text())["scaling_factor"]
+
+
 def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
     """(heads, channels per head) of every attention module of a UNet, read from the built modules,
     and of every layer of the text encoder."""
@@ -519,7 +552,8 @@ def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue"])
+@pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue",
+                                         "train_pocket_cpu_grounded", "train_pocket_cpu_grounded32"])
 def test_training_recipes_have_at_least_32_channels_per_head(config_name):
     """diffusers reads attention_head_dim as a head COUNT: check what the modules are, not the name."""
     from hydra import compose, initialize_config_dir

@@ -32,16 +32,23 @@ from nulltext.scenes import MAX_OBJECTS, LayoutTokenizer, SceneLayout
 
 class CrossAttentionRecorder(AttentionController):
     """Keeps every cross-attention layer's head-averaged probabilities ``[batch, queries, keys]``,
-    with their gradients, in call order; the probabilities pass through unchanged."""
+    with their gradients, and its place in the UNet, in call order; the probabilities pass through
+    unchanged."""
 
     def __init__(self) -> None:
         super().__init__()
         self.maps: list[Tensor] = []
+        self.places: list[str] = []
 
     def __call__(self, probs: Tensor, heads: int, is_cross: bool, place: str) -> Tensor:
         if is_cross:
             self.maps.append(probs.reshape(-1, heads, *probs.shape[1:]).mean(1))
+            self.places.append(place)
         return probs
+
+    def maps_in(self, places: Sequence[str]) -> list[Tensor]:
+        """The recorded maps of the layers in ``places``."""
+        return [m for m, p in zip(self.maps, self.places) if p in places]
 
 
 @contextmanager

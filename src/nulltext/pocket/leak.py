@@ -18,9 +18,9 @@ Measures (``scripts/measure_pocket_leak.py`` prints them for a saved model):
 
 Training options (recipe key ``padding``; all off in the stock recipes):
 
-- ``attention_weight`` (:func:`padding_attention_loss`): the mass the recorded cross-attention maps
-  put on the EOS and padding positions, as a loss: it moves off them, to the start token (the words
-  are held to their regions by the grounding loss);
+- ``attention_weight`` (:func:`padding_attention_loss`): the mass every cross-attention layer puts on
+  the EOS and padding positions, as a loss: it moves off them, to the start token and the words
+  (which the grounding loss holds to their regions);
 - ``match_weight`` (:func:`padding_match_loss`): the text encoder's padding outputs pulled to the
   empty caption's (stop-gradient target), which makes them caption-independent in the model itself,
   so the exported model needs nothing the stock pipeline does not do (replacing them only while

@@ -46,6 +46,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 from omegaconf import DictConfig, OmegaConf
 
 from nulltext.io import atomic_write
+from nulltext.editing.attention import PLACES
 from nulltext.models import SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, resolve_device
 from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch_host, vae_batch
 from nulltext.pocket.export import assemble_pipeline, weights_sha256, write_pipeline
@@ -366,9 +367,10 @@ class Trainer:
         noise = torch.randn(z0.shape, generator=g, device=self.device)
         ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
-        record = grounding.weight > 0 or padding.attention_weight > 0
+        # the token loss reads the grounded layers; the padding attention loss every cross-attention layer
+        places = set(grounding.places if grounding.weight > 0 else []) | set(PLACES if padding.attention_weight > 0 else [])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            with recording_cross_attention(unet, list(grounding.places)) if record else nullcontext() as recorder:
+            with recording_cross_attention(unet, sorted(places)) if places else nullcontext() as recorder:
                 context = text(ids)[0]
                 pred = unet(zt, t, encoder_hidden_states=context).sample.float()
         losses = {"loss": F.mse_loss(pred, noise)}
@@ -376,7 +378,8 @@ class Trainer:
         if grounding.weight > 0:
             coverage = object_coverage(layout, cfg.resolution, self.device)
             targets = GroundingTargets(self.positions, layout, coverage, dropped, float(grounding.cell_threshold))
-            losses["token_loss"], weights["token_loss"] = token_loss(recorder.maps, targets), float(grounding.weight)
+            losses["token_loss"] = token_loss(recorder.maps_in(list(grounding.places)), targets)
+            weights["token_loss"] = float(grounding.weight)
         if padding.attention_weight > 0:
             losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos)
             weights["padding_attention_loss"] = float(padding.attention_weight)
