@@ -1,24 +1,22 @@
-"""The pocket model: its training script (tiny config, resume-exact), its export, and the shipped model."""
+"""The pocket model: its training (tiny config, resume-exact), its export, and the shipped model."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from nulltext.pocket import evaluation
+from nulltext.pocket.export import weights_sha256
+from nulltext.pocket.recipe import build_models
+from nulltext.pocket.trainer import Trainer, train
+
 ROOT = Path(__file__).resolve().parents[1]
 POCKET = ROOT / "models" / "pocket"
 needs_pocket = pytest.mark.skipif(not (POCKET / "model_index.json").exists(), reason="models/pocket is not trained here")
-
-
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_pocket_model", ROOT / "scripts" / "train_pocket_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_config(tmp_path: Path, name: str, **overrides):
@@ -57,6 +55,7 @@ def _tiny_config(tmp_path: Path, name: str, **overrides):
         },
         "vae_train": {"steps": 3, "batch_size": 4, "warmup": 1, "photo_fraction": 0.25, "photo_source_resolution": 32, "decoder_steps": 2},
         "unet_train": {"steps": 4, "batch_size": 4, "warmup": 1, "scale_batches": 1},
+        "grounding": {"weight": 0.0},  # on in the GPU recipe; the tests that need it switch it on
     }
     return OmegaConf.merge(cfg, tiny, overrides)
 
@@ -76,25 +75,78 @@ def trained(tmp_path_factory):
     """One uninterrupted tiny run, and the same run cut twice (mid-VAE, mid-UNet) and resumed."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("pocket-train")
-    module = _train_module()
-    whole = module.train(_tiny_config(tmp, "whole"))
-    assert module.train(_tiny_config(tmp, "split", stop_at="vae:1")) is None
-    assert module.train(_tiny_config(tmp, "split", stop_at="unet:2", resume=True)) is None
+    whole = train(_tiny_config(tmp, "whole"))
+    assert train(_tiny_config(tmp, "split", stop_at="vae:1")) is None
+    assert train(_tiny_config(tmp, "split", stop_at="unet:2", resume=True)) is None
     ckpt = torch.load(tmp / "split" / "run" / "checkpoint.pt", weights_only=False)
     assert (ckpt["phase"], ckpt["step"]) == ("unet", 2)
-    split = module.train(_tiny_config(tmp, "split", resume=True))
+    split = train(_tiny_config(tmp, "split", resume=True))
     return whole, split, tmp
 
 
 def test_training_resumes_to_the_same_weights(trained):
+    """Cut in the VAE phase and in the UNet phase, resumed: bit for bit the uninterrupted run's weights."""
+    import json
+
     whole, split, tmp = trained
     a, b = _weights(whole), _weights(split)
     assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    sessions = json.loads((split / "training.json").read_text())["sessions"]
+    assert [(s["from"], s["to"]) for s in sessions] == [("vae:0", "vae:1"), ("vae:1", "unet:2"), ("unet:2", "unet:4")]
+    phases = json.loads((whole / "training.json").read_text())["phases"]
+    assert {k: (p["steps"], p["samples"]) for k, p in phases.items()} == {"vae": (3, 12), "decoder": (2, 8), "unet": (4, 16)}
     curves = (tmp / "whole" / "run" / "curves.csv").read_text().splitlines()
-    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min"]
+    assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss",
+                                    "padding_attention_loss", "padding_match_loss"]
     assert len(curves) == 1 + 3 + 2 + 4
+
+
+def test_a_grounded_run_resumes_from_the_cache_in_another_clone(trained, tmp_path, monkeypatch):
+    """The run's checkpoint lives in nulltext's cache (NULLTEXT_CACHE here), not the work tree: a
+    grounded run stopped at UNet step 2 and continued by the same command from another working
+    directory (a fresh clone) ends bit for bit where the uninterrupted run does; training.json adds
+    up the minutes and samples of both sessions; export_only probes the checkpoint without touching it;
+    a changed recipe is refused (one line naming the setting), a changed step count is not."""
+    import json
+
+    from nulltext.models import cache_folder
+    from nulltext.validation import SettingError
+
+    whole, _, _ = trained
+
+    def config(name, **more):
+        base = _tiny_config(tmp_path, name, vae_from=str(whole), grounding={"weight": 0.5}, unet_train={"steps": 5, "warmup": 1})
+        cfg = OmegaConf.merge(base, more)
+        cfg.run_dir, cfg.run_name = None, name
+        return cfg
+
+    reference = train(config("once"))
+    monkeypatch.chdir(tmp_path)
+    assert train(config("cut", stop_at="unet:2")) is None
+    checkpoint = cache_folder() / "pocket" / "cut" / "checkpoint.pt"
+    assert checkpoint.exists() and not (tmp_path / "cut" / "run").exists()
+    before = checkpoint.read_bytes()
+    probe = train(config("cut", export_only=True, output_dir=str(tmp_path / "probe")))
+    assert checkpoint.read_bytes() == before and json.loads((probe / "training.json").read_text())["unet_steps_done"] == 2
+    with pytest.raises(SettingError, match=r"another recipe \(grounding.weight: 0.5 -> 1.0\)"):
+        train(config("cut", grounding={"weight": 1.0}))
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    monkeypatch.chdir(clone)
+    resumed = train(config("cut"))
+    a, b = _weights(reference), _weights(resumed)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    info = json.loads((resumed / "training.json").read_text())
+    assert [(s["from"], s["to"], s["samples"]) for s in info["sessions"]] == [("unet:0", "unet:2", 8), ("unet:2", "unet:5", 12)]
+    assert info["phases"]["unet"]["samples"] == info["samples_seen"] == 20
+    assert info["phases"]["unet"]["minutes"] == pytest.approx(sum(s["minutes"] for s in info["sessions"]), abs=2e-3)
+    assert all(s["minutes"] > 0 and s["cpu_minutes"] > 0 and s["threads"] == 1 for s in info["sessions"])
+    curves = (cache_folder() / "pocket" / "cut" / "curves.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in curves] == ["1", "2", "3", "4", "5"] and all(row.split(",")[6] for row in curves)  # token_loss
+    longer = train(config("cut", unet_train={"steps": 6}))  # more steps: the same run goes on
+    assert json.loads((longer / "training.json").read_text())["unet_steps_done"] == 6
 
 
 def test_saved_folder_loads_with_load_pipeline(trained):
@@ -113,16 +165,15 @@ def test_continued_training_starts_from_the_saved_model(trained, tmp_path):
     keeps its VAE and scaling factor, and training.json adds up both stages."""
     import json
 
-    module = _train_module()
     whole, _, _ = trained
     first = json.loads((whole / "training.json").read_text())
-    frozen = module.train(_tiny_config(tmp_path, "lr0", init_from=str(whole), seed=1, unet_train={"lr": 0.0, "steps": 2}))
+    frozen = train(_tiny_config(tmp_path, "lr0", init_from=str(whole), seed=1, unet_train={"lr": 0.0, "steps": 2}))
     a, b = _weights(whole), _weights(frozen)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
-    moved = module.train(_tiny_config(tmp_path, "more", init_from=str(whole), seed=1, unet_train={"steps": 3}))
+    moved = train(_tiny_config(tmp_path, "more", init_from=str(whole), seed=1, unet_train={"steps": 3}))
     c = _weights(moved)
     assert all(torch.equal(c[k], a[k]) for k in a if k.startswith("vae/"))
     assert any(not torch.equal(c[k], a[k]) for k in a if k.startswith("unet/"))
@@ -136,7 +187,7 @@ def test_continued_training_starts_from_the_saved_model(trained, tmp_path):
     assert [row.split(",")[:2] for row in curves] == [["unet", "1"], ["unet", "2"], ["unet", "3"]]
 
     with pytest.raises(FileNotFoundError, match="no saved pipeline there"):
-        module.train(_tiny_config(tmp_path, "bad", init_from=str(tmp_path / "nowhere")))
+        train(_tiny_config(tmp_path, "bad", init_from=str(tmp_path / "nowhere")))
 
 
 def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_path):
@@ -144,15 +195,14 @@ def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_p
     autoencoder's files are the input's, byte for byte (weights and scaling_factor)."""
     import json
 
-    module = _train_module()
     whole, _, _ = trained
-    out = module.train(_tiny_config(tmp_path, "fresh", vae_from=str(whole), seed=3, unet_train={"steps": 2}))
+    out = train(_tiny_config(tmp_path, "fresh", vae_from=str(whole), seed=3, unet_train={"steps": 2}))
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         assert (out / "vae" / name).read_bytes() == (whole / "vae" / name).read_bytes(), name
     info = json.loads((out / "training.json").read_text())
     first = json.loads((whole / "training.json").read_text())
     assert info["scaling_factor"] == first["scaling_factor"]
-    assert info["vae_from"]["sha256"] == module.weights_sha256(whole / "vae")
+    assert info["vae_from"]["sha256"] == weights_sha256(whole / "vae")
     assert info["samples_seen"] == 2 * 4 and info["init_from"] is None
     curves = (tmp_path / "fresh" / "run" / "curves.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in curves] == ["unet", "unet"]
@@ -162,13 +212,13 @@ def test_fresh_unet_on_a_saved_autoencoder_keeps_it_byte_for_byte(trained, tmp_p
 
     wrong = {"model": {"vae": {"block_out_channels": [8, 8]}}}
     with pytest.raises(ValueError, match="architecture differs from model.vae"):
-        module.train(_tiny_config(tmp_path, "wrong", vae_from=str(whole), **wrong))
+        train(_tiny_config(tmp_path, "wrong", vae_from=str(whole), **wrong))
     with pytest.raises(ValueError, match="init_from or vae_from, not both"):
-        module.train(_tiny_config(tmp_path, "both", vae_from=str(whole), init_from=str(whole)))
+        train(_tiny_config(tmp_path, "both", vae_from=str(whole), init_from=str(whole)))
 
 
 def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_path):
-    """scripts/pocket_gpu_job.py on the CPU, tiny model, tiny budget: training stops on the budget and
+    """The GPU job (scripts/pocket_gpu_job.py) on the CPU, tiny model, tiny budget: training stops on the budget and
     exports its EMA, the evaluation runs, at most 8 files of at most the part size come back, and the
     parts reassemble into a pipeline that loads and samples, with the autoencoder byte for byte."""
     import io
@@ -178,15 +228,14 @@ def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_p
     from nulltext.diffusion import Diffusion
     from nulltext.models import load_pipeline
 
-    spec = importlib.util.spec_from_file_location("pocket_gpu_job", ROOT / "scripts" / "pocket_gpu_job.py")
-    job_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job_module)
+    from nulltext.pocket.job import run_job
+
     whole, _, _ = trained
-    cfg = _tiny_config(tmp_path, "job", vae_from=str(whole), unet_train={"steps": 100_000, "warmup": 1})
+    cfg = _tiny_config(tmp_path, "job", vae_from=str(whole), unet_train={"steps": 100_000, "warmup": 1}, grounding={"weight": 0.5})
     out = tmp_path / "OUT"
     part_mib = 2.0  # the tiny model is ~5 MB (most of it the 49,408-token table in float32)
     eval_args = ["--steps", "2", "--text-images", "2", "--attention-images", "1", "--vae-images", "0", "--inv-images", "0", "--photos"]
-    job = job_module.run_job(cfg, out, minutes=0.16, reserve=0.1, device="cpu", part_mib=part_mib, eval_args=eval_args)
+    job = run_job(cfg, out, minutes=0.16, reserve=0.1, device="cpu", part_mib=part_mib, eval_args=eval_args)
 
     files = sorted(out.iterdir())
     assert len(files) <= 8 and {"curves.csv", "pocket_eval.json", "pocket_eval.md", "job.json"} <= {f.name for f in files}
@@ -210,16 +259,285 @@ def test_gpu_job_packs_a_model_that_reassembles_loads_and_samples(trained, tmp_p
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
 
 
+def _one_object_targets(side_resolution: int = 16, dropped: bool = False):
+    """GroundingTargets of two real scenes (one object; two objects), at 16 px."""
+    from nulltext.models import clip_tokenizer
+    from nulltext.pocket.grounding import CaptionPositions, GroundingTargets
+    from nulltext.scenes import LayoutTokenizer, Scene, SceneObject, layout_from_scenes, object_coverage
+
+    scenes = [Scene((SceneObject("circle", "red", "large", "left"),), "plain", "gray"),
+              Scene((SceneObject("square", "blue", "large", "right"), SceneObject("ring", "green", "small", "top")), "checker", "pink")]
+    layout = layout_from_scenes(scenes, jitter=False)
+    positions = CaptionPositions(LayoutTokenizer(clip_tokenizer()))
+    coverage = object_coverage(layout, side_resolution)
+    return GroundingTargets(positions, layout, coverage, torch.tensor([dropped, False]), 0.1)
+
+
+def test_token_loss_is_0_inside_the_masks_and_1_outside():
+    """TokenCompose's L_token: every grounded token's map entirely on its cells gives 0, entirely off
+    them gives 1, half on them (1 - 1/2)^2 = 1/4; dropped captions are not grounded."""
+    from nulltext.pocket.grounding import token_loss, token_shares
+
+    targets = _one_object_targets()
+    masks = targets.masks(4)  # [2, K, 16]
+    assert targets.grounded[0].sum() == 4 + 3 and targets.grounded[1].sum() == 8 + 4  # object words + background noun
+    cells = masks.transpose(1, 2)  # [2, 16 queries, K]
+    ungrounded = torch.full((2, 16, 77 - cells.shape[-1]), 1 / 16)  # the other keys: spread evenly
+    inside = torch.cat([cells / cells.sum(1, keepdim=True).clamp_min(1), ungrounded], -1)
+    outside = torch.cat([(1 - cells) / (1 - cells).sum(1, keepdim=True), ungrounded], -1)
+    assert token_loss([inside], targets).item() == pytest.approx(0.0, abs=1e-6)
+    assert token_loss([outside], targets).item() == pytest.approx(1.0, abs=1e-6)
+    half = 0.5 * (inside + outside)  # each grounded column: half of its mass on its cells
+    shares = token_shares(half, masks)[targets.grounded]
+    torch.testing.assert_close(shares, torch.full_like(shares, 0.5))
+    assert token_loss([inside, half], targets).item() == pytest.approx((0 + 0.25) / 2, abs=1e-6)
+    dropped = _one_object_targets(dropped=True)
+    assert not dropped.grounded[0].any() and dropped.grounded[1].sum() == 12
+
+
+def test_grounded_cells_follow_the_renderer():
+    """An object's cells: its area-pooled coverage above 10% (its most covered cell always); the
+    background words' cells are those of no object."""
+    targets = _one_object_targets()
+    masks = targets.masks(4).reshape(2, -1, 4, 4)
+    red = masks[0, 3]  # BOS "a large red circle on the left": position 3 is the colour word
+    blocks = targets.coverage[0, 0].reshape(4, 4, 4, 4).mean(dim=(1, 3))  # 16 px -> 4x4 cells of 4x4 px
+    torch.testing.assert_close(red, (blocks > 0.1).float())
+    assert red[1:3, 0].all() and red.sum() <= 4 and not red[:, 2:].any()  # x 0.06-0.31, y 0.38-0.63 of the side
+    assert [masks[0, k].equal(red) for k in (2, 4, 7)] == [True] * 3  # size, shape and position words too
+    assert not masks[0, [0, 1, 5, 6, 8, 9]].any()  # BOS, "a", "on the", "on a": not grounded
+    background = masks[0, 10]  # "... on a plain gray background": BOS + 7 + "on a" -> the noun at 10-12
+    torch.testing.assert_close(background, 1 - red)
+    small = _one_object_targets(side_resolution=64).masks(2).reshape(2, -1, 2, 2)[1, 1 + 8 + 2]  # the small ring's colour word
+    assert small.sum() == 1  # under 10% of any 32x32 px cell, yet it owns its most covered cell
+
+
+def test_caption_positions_point_at_the_words():
+    """The template positions name the tokens of the captions' words, for sampled layouts of 0-3 objects."""
+    from nulltext.models import clip_tokenizer
+    from nulltext.pocket.grounding import CaptionPositions
+    from nulltext.scenes import BACKGROUND_KINDS, COLOURS, POSITIONS, SHAPES, SIZES, LayoutTokenizer, sample_layout
+
+    tokenizer = clip_tokenizer()
+    tokens = LayoutTokenizer(tokenizer)
+    positions = CaptionPositions(tokens)
+    layout = sample_layout(40, 3)
+    layout = dataclasses.replace(layout, count=torch.where(torch.arange(40) < 4, 0, layout.count))  # 4 lone backgrounds
+    ids = tokens(layout)
+    words = positions.object_words(layout)
+    start, end = positions.background_words(layout)
+    single = lambda w: tokenizer(w, add_special_tokens=False).input_ids[0]  # noqa: E731
+    for b in range(40):
+        for j in range(int(layout.count[b])):
+            expected = [SIZES[layout.size[b, j]], COLOURS[layout.colour[b, j]], SHAPES[layout.shape[b, j]], POSITIONS[layout.position[b, j]]]
+            assert ids[b, words[b, j]].tolist() == [single(w) for w in expected]
+        scene = layout[b].scenes()[0]
+        noun = tokenizer(f"{scene.background_colour} {scene.background}", add_special_tokens=False).input_ids
+        text = tokenizer.decode(ids[b, start[b] : end[b]])
+        assert text.split()[-1] == "background" and scene.background_colour in text, text
+        assert len(noun) >= 2 and int(ids[b, end[b]]) == tokens.eos  # the noun ends the caption
+    assert int(layout.kind.unique().numel()) == len(BACKGROUND_KINDS)
+
+
+def test_recording_processor_equals_the_default_attention():
+    """The training processor (explicit softmax, maps kept with gradients) computes what diffusers'
+    default processors compute, to float noise; the UNet's own processors are back after the block."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from nulltext.pocket.grounding import recording_cross_attention
+
+    cfg = _tiny_config(Path("/unused"), "p")
+    unet = build_models(cfg)["unet"].eval()
+    default = {k: type(v) for k, v in unet.attn_processors.items()}
+    g = torch.Generator().manual_seed(0)
+    z, context = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 77, 16, generator=g)
+    t = torch.tensor([10, 500, 990])
+    with torch.no_grad():
+        reference = unet(z, t, encoder_hidden_states=context).sample
+        with recording_cross_attention(unet, ("down", "mid", "up")) as recorder:
+            recorded = unet(z, t, encoder_hidden_states=context).sample
+        assert {k: type(v) for k, v in unet.attn_processors.items()} == default
+        unet.set_attn_processor(AttnProcessor())
+        classic = unet(z, t, encoder_hidden_states=context).sample
+    torch.testing.assert_close(recorded, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(recorded, classic, atol=1e-5, rtol=1e-5)
+    # down 8x8, mid 4x4, up 8x8 (an up block has one layer more than a down block)
+    assert [m.shape for m in recorder.maps] == [(3, 64, 77), (3, 16, 77), (3, 64, 77), (3, 64, 77)]
+    torch.testing.assert_close(recorder.maps[0].sum(-1), torch.ones(3, 64))
+
+
+def test_token_loss_gradients_reach_only_the_unet_and_text_encoder(trained, tmp_path):
+    """The trainer's UNet-phase losses with grounding on: L_token's gradients reach the UNet's attention
+    and the text encoder, never the autoencoder, nor the UNet layers after the last cross-attention."""
+    whole, _, _ = trained
+    trainer = Trainer(_tiny_config(tmp_path, "grad", vae_from=str(whole), grounding={"weight": 0.5}))
+    losses = trainer.unet_losses(0)
+    assert set(losses) == {"loss", "token_loss", "total"}
+    assert losses["total"].item() == pytest.approx(losses["loss"].item() + 0.5 * losses["token_loss"].item(), rel=1e-6)
+    assert 0 < losses["token_loss"].item() < 1
+    losses["token_loss"].backward()
+    unet, text, vae = (trainer.models[k] for k in ("unet", "text_encoder", "vae"))
+    assert all(p.grad is None for p in vae.parameters())
+    assert text.get_input_embeddings().weight.grad.abs().sum() > 0
+    attn2 = [m for n, m in unet.named_modules() if n.endswith("attn2")]
+    assert attn2 and all(m.to_k.weight.grad.abs().sum() > 0 and m.to_q.weight.grad.abs().sum() > 0 for m in attn2)
+    assert unet.conv_out.weight.grad is None  # after every map: nothing of L_token flows there
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+def _ids(captions, length=77):
+    from nulltext.models import clip_tokenizer
+
+    return clip_tokenizer()(captions, padding="max_length", max_length=length, return_tensors="pt").input_ids
+
+
+def test_position_classes_and_padding_losses_have_known_answers():
+    """Start / words / EOS / padding positions of real token ids; the padding attention loss is the
+    mass on EOS + padding (0 on start and words, 1 all on padding); the padding match loss is the
+    relative squared distance to the empty caption's outputs over the padding of kept captions."""
+    from nulltext.pocket.leak import padding_attention_loss, padding_match_loss, position_classes
+
+    ids = _ids(["a red circle", ""])
+    eos = int(ids[1, 1])
+    classes = position_classes(ids, eos)
+    assert classes[0, :6].tolist() == [0, 1, 1, 1, 2, 3] and classes[1, :3].tolist() == [0, 2, 3] and (classes[:, 6:] == 3).all()
+    on_words = torch.zeros(2, 5, 77)
+    on_words[..., 0] = 0.5
+    on_words[0, :, 1:4] = 0.5 / 3
+    on_words[1, :, 0] = 1.0
+    on_padding = torch.zeros(2, 5, 77)
+    on_padding[..., 30] = 1.0
+    assert padding_attention_loss([on_words], ids, eos).item() == 0.0
+    assert padding_attention_loss([on_padding], ids, eos).item() == 1.0
+    assert padding_attention_loss([on_words, on_padding], ids, eos).item() == 0.5
+
+    empty = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0))
+    outputs = empty.repeat(2, 1, 1)
+    outputs[0, 1:5] += 3.0  # caption 0's words and EOS differ: not counted
+    outputs[1, 1] += 3.0  # the empty caption's EOS
+    assert padding_match_loss(outputs, empty, ids, eos, torch.tensor([False, False])).item() == 0.0
+    outputs[0, 5:] = 2 * empty[0, 5:]  # caption 0's padding: ||2e - e||^2 / ||e||^2 = 1
+    outputs[1, 2:] = -empty[0, 2:]  # caption 1 is dropped: ignored
+    assert padding_match_loss(outputs, empty, ids, eos, torch.tensor([False, True])).item() == pytest.approx(1.0)
+
+
+def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_path):
+    """With both padding losses and a 32-token context: the losses enter the total with their weights,
+    the attention loss's gradients reach the UNet, the match loss's only the text encoder, a few steps
+    on the attention loss alone halve the EOS + padding share of every cross-attention layer (grounded
+    or not), and the exported model (tokenizer padding to 32) loads with
+    the stock StableDiffusionPipeline, with diffusers' default attention processors, and samples."""
+    from diffusers import StableDiffusionPipeline
+
+    whole, _, _ = trained
+    padding = {"attention_weight": 0.3, "match_weight": 0.2, "context_length": 32}
+    trainer = Trainer(_tiny_config(tmp_path, "pad", vae_from=str(whole), padding=padding))
+    losses = trainer.unet_losses(0)
+    assert set(losses) == {"loss", "padding_attention_loss", "padding_match_loss", "total"}
+    expected = losses["loss"] + 0.3 * losses["padding_attention_loss"] + 0.2 * losses["padding_match_loss"]
+    assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    unet, text = trainer.models["unet"], trainer.models["text_encoder"]
+    losses["padding_match_loss"].backward(retain_graph=True)
+    assert all(p.grad is None for p in unet.parameters()) and text.get_input_embeddings().weight.grad.abs().sum() > 0
+    losses["padding_attention_loss"].backward()
+    assert all(m.to_k.weight.grad.abs().sum() > 0 for n, m in unet.named_modules() if n.endswith("attn2"))
+
+    def padding_shares():  # per cross-attention layer, the mass on EOS + padding (leak.attention_mass)
+        from nulltext.diffusion import Diffusion
+        from nulltext.pocket.export import assemble_pipeline
+        from nulltext.pocket.leak import attention_mass, swapped_colour_scenes
+
+        pipe = assemble_pipeline(trainer.models["vae"], unet, text, trainer.tokenizer, trainer.scaling_factor)
+        mass = attention_mass(Diffusion(pipe, num_inference_steps=2), swapped_colour_scenes(2)[0], (500,))
+        return torch.tensor([row["eos"] + row["padding"] for row in mass["layers"].values()])
+
+    before = padding_shares()
+    opt = torch.optim.Adam([*unet.parameters(), *text.parameters()], lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        trainer.unet_losses(0)["padding_attention_loss"].backward()
+        opt.step()
+    after = padding_shares()
+    assert len(before) == 4 and (after < 0.5 * before).all(), (before, after)  # every layer, the middle block's too
+
+    out = train(_tiny_config(tmp_path, "pad", vae_from=str(whole), padding=padding, unet_train={"steps": 2}))
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.tokenizer.model_max_length == 32
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+    images = pipe("a large red circle on the left on a plain gray background", num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_leak_measures_on_a_trained_model(trained, tmp_path):
+    """Attention mass per layer (classes sum to 1, layers in call order) and the encoder change: a
+    causal encoder cannot change the start token or the words before the swapped one; the command
+    (scripts/measure_pocket_leak.py) writes them."""
+    import json
+
+    from nulltext.diffusion import Diffusion
+    from nulltext.models import load_pipeline
+    from nulltext.pocket.leak import POSITION_CLASSES, attention_mass, encoder_change, main, markdown, swapped_colour_scenes
+
+    whole, _, _ = trained
+    diffusion = Diffusion(load_pipeline(str(whole)), num_inference_steps=2)
+    scenes, targets = swapped_colour_scenes(2)
+    mass = attention_mass(diffusion, scenes, (900, 100))
+    assert [row["side"] for row in mass["layers"].values()] == [8, 4, 8, 8]  # down, mid, up, up
+    for row in [*mass["layers"].values(), mass["mean"]]:
+        assert sum(row[c] for c in POSITION_CLASSES) == pytest.approx(1.0, abs=1e-5)
+    change = encoder_change(diffusion, scenes, targets)
+    assert change["start"] == 0.0 and change["earlier words"] == 0.0 and change["swapped word"] > 0
+    assert "| **mean over layers** |" in markdown({"model": "tiny", "attention_mass": mass, "encoder_change": change})
+    main(["--model", str(whole), "--out", str(tmp_path), "--scenes", "2", "--timesteps", "900", "100"])
+    assert json.loads((tmp_path / "leak.json").read_text())["attention_mass"] == mass
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"grounding": {"weight": -1.0}}, "grounding.weight=-1.0 is not allowed"),
+    ({"grounding": {"places": ["middle"]}}, "grounding.places=['middle'] is not allowed"),
+    ({"grounding": {"cell_threshold": 2}}, "grounding.cell_threshold=2.0 is not allowed"),
+    ({"padding": {"attention_weight": -0.1}}, "padding.attention_weight=-0.1 is not allowed"),
+    ({"padding": {"context_length": 30}}, "padding.context_length=30 is not allowed"),
+    ({"run_dir": None, "run_name": "a/b"}, "run_name='a/b' is not allowed"),
+])
+def test_bad_recipe_settings_are_one_line_errors(tmp_path, setting, message):
+    from nulltext.validation import SettingError
+
+    with pytest.raises(SettingError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        train(_tiny_config(tmp_path, "bad", **setting))
+
+
 def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
     """The GPU recipe's default vae_from is the committed autoencoder, whose architecture is the recipe's."""
     from hydra import compose, initialize_config_dir
 
-    module = _train_module()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train_pocket", overrides=["device=cpu", f"vae_from={ROOT / 'models' / 'pocket-vae-h200'}"])
-    trainer = module.Trainer(cfg)
+    trainer = Trainer(cfg)
     assert trainer.phase == "unet" and trainer.scaling_factor == pytest.approx(0.47744476795196533, abs=0)
-    assert module.weights_sha256(trainer.vae_source) == "251f642dd652d3f0eb2a8de8ee362073805cd2449badb49d1e12aa00e6b72fe1"
+    assert weights_sha256(trainer.vae_source) == "251f642dd652d3f0eb2a8de8ee362073805cd2449badb49d1e12aa00e6b72fe1"
+
+
+@pytest.mark.parametrize("config_name, source, side", [
+    ("train_pocket_cpu_grounded", ROOT / "models" / "pocket-vae-h200" / "vae", 16),
+    pytest.param("train_pocket_cpu_grounded32", POCKET / "vae", 8, marks=needs_pocket),
+])
+def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, source, side, tmp_path):
+    """The new stand-in's recipes: a fresh UNet on the committed autoencoder (its scaling factor),
+    grounding and the padding attention loss on, checkpoints in the cache, the model not into models/."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config_name)
+    assert (cfg.grounding.weight, cfg.padding.attention_weight, cfg.padding.match_weight, cfg.padding.context_length) == (0.5, 0.2, 0.0, 77)
+    assert cfg.run_dir is None and cfg.run_name == cfg.profile and not cfg.output_dir.startswith("models")
+    cfg.vae_from = str(ROOT / cfg.vae_from)
+    trainer = Trainer(cfg)
+    assert trainer.phase == "unet" and trainer.models["unet"].config.sample_size == side
+    assert trainer.scaling_factor == json.loads((source / "config.json").read_text())["scaling_factor"]
 
 
 def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
@@ -234,15 +552,15 @@ def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue"])
+@pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue",
+                                         "train_pocket_cpu_grounded", "train_pocket_cpu_grounded32"])
 def test_training_recipes_have_at_least_32_channels_per_head(config_name):
     """diffusers reads attention_head_dim as a head COUNT: check what the modules are, not the name."""
     from hydra import compose, initialize_config_dir
 
-    module = _train_module()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=["init_from=null"] if "continue" in config_name else [])
-    widths = _head_widths(module.build_models(cfg))
+    widths = _head_widths(build_models(cfg))
     assert sum(k.startswith("unet.") for k in widths) >= 2 and sum(k.startswith("text_encoder.") for k in widths) >= 2
     narrow = {k: v for k, v in widths.items() if v[1] < 32}
     assert not narrow, narrow
@@ -264,17 +582,14 @@ def test_shipped_pocket_has_at_least_32_channels_per_head():
 
 
 def test_evaluation_script_reports_every_part(trained, tmp_path):
-    """scripts/evaluate_pocket_model.py on the tiny trained folder: each part present and consistent."""
+    """The evaluation (scripts/evaluate_pocket_model.py) on the tiny trained folder: each part present and consistent."""
     import json
     import math
 
-    spec = importlib.util.spec_from_file_location("evaluate_pocket_model", ROOT / "scripts" / "evaluate_pocket_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     whole, _, _ = trained
     args = ["--model", str(whole), "--out", str(tmp_path), "--steps", "2", "--text-images", "2", "--vae-images", "2",
             "--inv-images", "1", "--photos", "astronaut", "--no-photo-n20", "--no-global", "--attention-images", "2"]
-    module.main(args)
+    evaluation.main(args)
     report = json.loads((tmp_path / "pocket_eval.json").read_text())
     assert {"text_control", "autoencoder_scenes", "inversion_scenes", "inversion_photos", "attention_localisation"} <= report.keys()
     assert 0 <= report["text_control"]["guidance_7.5"]["object_colour"] <= 1
@@ -396,9 +711,6 @@ def test_shipped_pocket_text_control_and_attention_as_recorded():
     from nulltext.models import pipeline_resolution
     from nulltext.pocket import load_pocket
 
-    spec = importlib.util.spec_from_file_location("evaluate_pocket_model", ROOT / "scripts" / "evaluate_pocket_model.py")
-    evaluation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluation)
     recorded = json.loads((POCKET / "eval" / "pocket_eval.json").read_text())
     torch.set_num_threads(1)
     pipe = load_pocket()

@@ -50,6 +50,14 @@ def _clip_bpe_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
+def cache_folder() -> Path:
+    """nulltext's cache (outside any work tree): ``$NULLTEXT_CACHE``, else ``$XDG_CACHE_HOME/nulltext``,
+    else ``~/.cache/nulltext``."""
+    if os.environ.get("NULLTEXT_CACHE"):
+        return Path(os.environ["NULLTEXT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nulltext"
+
+
 def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
     """The real CLIP ViT-L/14 tokenizer (SD v1 token ids), built offline from open_clip's BPE merges.
 
@@ -59,7 +67,7 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    folder = Path(cache_dir or os.environ.get("NULLTEXT_CACHE", Path.home() / ".cache" / "nulltext")) / "clip-tokenizer"
+    folder = Path(cache_dir or cache_folder()) / "clip-tokenizer"
     if not (folder / "tokenizer_config.json").exists():
         lines = gzip.open(_clip_bpe_path()).read().decode("utf-8").split("\n")
         merges = lines[1 : 49152 - 256 - 2 + 1]

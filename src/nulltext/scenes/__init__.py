@@ -64,7 +64,7 @@ from nulltext.scenes.layouts import (
     layout_from_scenes,
     sample_layout,
 )
-from nulltext.scenes.render import RenderedScenes, render_layout, render_scenes
+from nulltext.scenes.render import RenderedScenes, object_coverage, render_layout, render_scenes
 
 __all__ = [
     "SHAPES",
@@ -91,6 +91,7 @@ __all__ = [
     "sample_layout",
     "layout_from_scenes",
     "render_layout",
+    "object_coverage",
     "render_scenes",
     "ScenesDataset",
     "CheckResult",

@@ -168,6 +168,35 @@ def _background(layout: SceneLayout, resolution: int, device: torch.device) -> t
     return a + (b - a) * t[:, None]
 
 
+def object_coverage(
+    layout: SceneLayout, resolution: int = 64, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Each object's anti-aliased coverage, float ``[n, MAX_OBJECTS, R, R]`` in [0, 1] on
+    ``device`` (0 for unused slots): what :func:`render_layout` blends the object colours with,
+    and the exact masks of grounding losses."""
+    resolution = check_resolution(resolution)
+    device = torch.device(device)
+    out = torch.zeros((len(layout), MAX_OBJECTS, resolution, resolution), device=device)
+    x, y = _pixel_grid(resolution, device)
+    valid = layout.valid
+    centres = CENTRE_TABLE[layout.position] + layout.offset  # [n, 3, 2] float64
+    radius = _RADII[layout.size]  # [n, 3]
+    for j in range(MAX_OBJECTS):
+        rows = valid[:, j].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        out[rows.to(device), j] = coverage(
+            layout.shape[rows, j].to(device),
+            centres[rows, j, 0].to(device=device, dtype=torch.float32),
+            centres[rows, j, 1].to(device=device, dtype=torch.float32),
+            radius[rows, j].to(device=device, dtype=torch.float32),
+            x,
+            y,
+            resolution,
+        )
+    return out
+
+
 def render_layout(
     layout: SceneLayout, resolution: int = 64, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
@@ -178,25 +207,14 @@ def render_layout(
     image = _background(layout, resolution, device)
     if n == 0:
         return image.round().to(torch.uint8)
-    x, y = _pixel_grid(resolution, device)
-    valid = layout.valid
-    centres = CENTRE_TABLE[layout.position] + layout.offset  # [n, 3, 2] float64
-    radius = _RADII[layout.size]  # [n, 3]
+    alphas = object_coverage(layout, resolution, device)
     colours = COLOUR_TABLE.to(device)
     for j in range(MAX_OBJECTS):
-        rows = valid[:, j].nonzero().squeeze(1)
+        rows = layout.valid[:, j].nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        alpha = coverage(
-            layout.shape[rows, j].to(device),
-            centres[rows, j, 0].to(device=device, dtype=torch.float32),
-            centres[rows, j, 1].to(device=device, dtype=torch.float32),
-            radius[rows, j].to(device=device, dtype=torch.float32),
-            x,
-            y,
-            resolution,
-        )[:, None]  # [k, 1, R, R]
         rows_d = rows.to(device)
+        alpha = alphas[rows_d, j][:, None]  # [k, 1, R, R]
         colour = colours[layout.colour[rows, j].to(device)][:, :, None, None]
         image[rows_d] = image[rows_d] * (1 - alpha) + colour * alpha
     return image.round_().clamp_(0, 255).to(torch.uint8)
