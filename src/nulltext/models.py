@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 from omegaconf import OmegaConf
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
@@ -50,8 +50,10 @@ def _clip_bpe_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
+def clip_tokenizer(cache_dir: str | os.PathLike | None = None, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """The real CLIP ViT-L/14 tokenizer (SD v1 token ids), built offline from open_clip's BPE merges.
+
+    SD v1 pads with ``<|endoftext|>``; SDXL's and SD3's second (OpenCLIP ViT-bigG) tokenizer with ``!``.
 
     The vocabulary is OpenAI's rule: 256 byte symbols, the same with ``</w>``, one entry per merge,
     then the two special tokens. Written once to a cache folder and loaded with ``from_pretrained``
@@ -72,13 +74,15 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
         # SD v1 pads with <|endoftext|>; the config file is written last so it marks a complete folder.
         config = {"model_max_length": CLIP_CONTEXT_LENGTH, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(config))
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_CONTEXT_LENGTH)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_CONTEXT_LENGTH, pad_token=pad_token)
 
 
-def freeze(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+def freeze(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Every network of the pipeline without gradients and in eval mode; no progress bars."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -132,21 +136,32 @@ def pocket_folder(path: str | None = None) -> Path:
     return folder
 
 
-def load_pipeline(path: str, revision: str | None = None, local_files_only: bool | None = None) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
+def load_pipeline(
+    path: str, revision: str | None = None, local_files_only: bool | None = None, t5: bool = True
+) -> DiffusionPipeline:
+    """Load a pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
 
-    Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works only if the weights are already in
-    the Hugging Face cache; otherwise one clear error says what to do.
+    Its family (SD 1/2, SDXL, SD3, FLUX: :mod:`nulltext.families`) is the pipeline class its
+    ``model_index.json`` names. ``t5=False`` loads SD3 without its T5 encoder (zeros take its place,
+    as in StableDiffusion3Pipeline). Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works
+    only if the weights are already in the Hugging Face cache; otherwise one clear error says what to do.
     """
     local = _local_folder(path)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch.float32}
+    family = _family(path, local, revision)
+    kwargs = {"dtype": torch.float32}
+    if family.name == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if not t5:
+        if family.name != "sd3":
+            raise SettingError(f"model.t5=false is not allowed for {path!r}: only SD3 can run without its T5 encoder")
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     # Loading bars would bury the results table (they are per component, and jobs load often).
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
+        pipe = family.pipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
     except (OSError, EnvironmentError, ValueError) as error:
         raise _unavailable(path, error) from None
     return freeze(pipe)
@@ -159,13 +174,13 @@ def _local_folder(path: str) -> Path | None:
     local = Path(path).expanduser()
     if local.exists() and not (local / "model_index.json").exists():
         raise ModelUnavailableError(
-            f"model folder {local} has no model_index.json: give a folder written by "
-            "StableDiffusionPipeline.save_pretrained, or a hub id"
+            f"model folder {local} has no model_index.json: give a folder written by a pipeline's "
+            "save_pretrained (StableDiffusionPipeline, StableDiffusionXLPipeline, ...), or a hub id"
         )
     if path.count("/") != 1 and not local.exists():
         raise UnknownNameError(
             f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
-            "or one of the model configs (model=tiny, sd14, sd15, sd21_base)"
+            "or one of the model configs (model=tiny, sd14, sd15, sd21_base, sdxl, sd3, flux_dev, flux_schnell, tiny_xl, ...)"
         )
     return local if local.exists() else None
 
@@ -192,66 +207,75 @@ def resolve_device(name: str | None, setting: str = "device") -> torch.device:
         raise SettingError(f"{setting}={name!r} is not allowed: auto, cpu, cuda, cuda:<index> or mps") from None
 
 
-def pipeline_resolution(pipe: StableDiffusionPipeline) -> int:
-    """Pixel resolution the pipeline was trained at: latent size times the VAE's downsampling."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+def pipeline_resolution(pipe: DiffusionPipeline) -> int:
+    """Pixel resolution the pipeline was trained at (latent size times the VAE's downsampling for SD)."""
+    return pipeline_shape(pipe).resolution
 
 
 @dataclass(frozen=True)
 class ModelShape:
     """What settings must fit in a model, known from its config files before any weights load."""
 
-    vae_factor: int  # the VAE's downsampling: image sides must be multiples of it
-    resolution: int  # the image side it was trained at (latent side times vae_factor)
+    vae_factor: int  # image sides must be multiples of it (the VAE's downsampling, times SD3's patch or FLUX's packing)
+    resolution: int  # the image side it was trained at
     max_steps: int  # the most sampling steps: training timesteps less the offset of the first one
-
-
-def _shape(unet: Mapping[str, Any], vae: Mapping[str, Any], scheduler: Mapping[str, Any]) -> ModelShape:
-    # diffusers' rule (StableDiffusionPipeline.vae_scale_factor): one halving per VAE level but the last.
-    factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
-    max_steps = int(scheduler.get("num_train_timesteps", 1000)) - int(scheduler.get("steps_offset", 0))
-    return ModelShape(factor, int(unet.get("sample_size") or 64) * factor, max_steps)
+    family: str = "sd"  # nulltext.families.FAMILIES key
 
 
 def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
     """The :class:`ModelShape` of a ``model`` config node, from its settings or its folder's JSON files.
 
     Random-init configs carry their component configs; a local folder (and pocket) has
-    ``unet/config.json`` etc.; a hub id's config files come from the Hugging Face cache (or the hub):
-    small files, no weights. None for a constructor nulltext does not know (its shape is then read
-    from the loaded pipeline, :func:`pipeline_shape`).
+    ``model_index.json``, ``unet/config.json`` (or ``transformer/``) etc.; a hub id's config files
+    come from the Hugging Face cache (or the hub): small files, no weights. None for a constructor
+    nulltext does not know (its shape is then read from the loaded pipeline, :func:`pipeline_shape`).
     """
+    from nulltext.families import FAMILIES, random_config_shape
+
     target = model.get("_target_")
     if target == "nulltext.models.build_random_pipeline":
-        return _shape(model["unet"], model["vae"], {**SD_SCHEDULER_CONFIG, **(model.get("scheduler") or {})})
+        return FAMILIES["sd"].shape(model["unet"], model["vae"], {**SD_SCHEDULER_CONFIG, **(model.get("scheduler") or {})})
     if target == "nulltext.pocket.load_pocket":
         return _folder_shape(str(pocket_folder(model.get("path"))), None)
     if target == "nulltext.models.load_pipeline":
         return _folder_shape(model.get("path"), model.get("revision"))
-    return None
+    return random_config_shape(target, model)
+
+
+def _family(path: str, local: Path | None, revision: str | None):
+    """The :class:`~nulltext.families.Family` class of the pipeline folder or hub id ``path``."""
+    from nulltext.families import family_class
+
+    return family_class(_config_file(path, local, "model_index.json", revision).get("_class_name"), repr(path))
+
+
+def _config_file(path: str, local: Path | None, name: str, revision: str | None) -> dict:
+    """A JSON file of a pipeline folder or hub id (the Hugging Face cache's copy offline)."""
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = hf_hub_download(path, name, revision=revision)
+        except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
+            raise _unavailable(path, error) from None
+    else:
+        file = local / name
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
 
 
 def _folder_shape(path: str, revision: str | None) -> ModelShape:
     local = _local_folder(path)
-    files = {}
-    for name in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
-        if local is None:
-            from huggingface_hub import hf_hub_download
-
-            try:
-                file = hf_hub_download(path, name, revision=revision)
-            except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
-                raise _unavailable(path, error) from None
-        else:
-            file = local / name
-        try:
-            files[name] = json.loads(Path(file).read_text())
-        except (OSError, ValueError) as error:
-            raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
-    return _shape(*files.values())
+    family = _family(path, local, revision)
+    names = (f"{family.denoiser_name}/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+    return family.shape(*(_config_file(path, local, name, revision) for name in names))
 
 
-def pipeline_shape(pipe: StableDiffusionPipeline) -> ModelShape:
+def pipeline_shape(pipe: DiffusionPipeline) -> ModelShape:
     """The :class:`ModelShape` of a loaded pipeline."""
-    config = pipe.scheduler.config
-    return ModelShape(pipe.vae_scale_factor, pipeline_resolution(pipe), config.num_train_timesteps - config.get("steps_offset", 0))
+    from nulltext.families import family_of
+
+    family = family_of(pipe)
+    return family.shape(dict(family.denoiser.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
