@@ -11,14 +11,16 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from omegaconf import OmegaConf
+from PIL import Image
 
 from helpers import composed
-from nulltext.api import MODEL_CONFIGS, load_pipeline
-from nulltext.cli import prepare_inversion
+from nulltext.api import MODEL_CONFIGS, invert, load_pipeline
+from nulltext.cli import prepare_inversion, run_inversion, run_reconstruction
 from nulltext.diffusion import Diffusion
 from nulltext.errors import ModelUnavailableError
 from nulltext.families import unpack
 from nulltext.models import ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
+from nulltext.reconstruction import latent_errors, reconstruct
 from nulltext.validation import SettingError
 
 PROMPTS = ["a photo of a cat", "a red car on a street"]
@@ -195,3 +197,57 @@ def test_methods_refuse_families_they_do_not_run_on(model, method, message, tmp_
         with pytest.raises(SettingError, match=f"inversion={method} ") as error:
             prepare_inversion(cfg)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# -- the methods of each family through the command line and the API ---------------------------------
+
+FAMILY_RUNS = [
+    ("tiny_xl", "ddim", []),
+    ("tiny_xl", "negative_prompt", []),
+    ("tiny_xl", "null_text", ["inversion.num_inner_steps=2"]),
+    ("tiny_sd3", "flow_inversion", []),
+    ("tiny_flux", "flow_inversion", []),
+]
+
+
+@pytest.mark.parametrize("model, method, settings", FAMILY_RUNS)
+def test_family_methods_write_complete_metrics_and_reusable_artifacts(model, method, settings, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [f"model={model}", f"inversion={method}", "diffusion.num_inference_steps=4", "data.limit=1", "logger=csv", *settings]
+    with composed("config", overrides, run_dir) as cfg:
+        metrics = run_inversion(cfg)
+    assert (metrics["method"], metrics["model"], metrics["num_images"], metrics["num_failed"]) == (method, model, 1, 0)
+    for key in ("psnr_mean", "lpips_mean", "ssim_mean", "vae_psnr_mean", "seconds_mean", "peak_memory_mib_mean"):
+        assert np.isfinite(metrics[key]), key
+    image = metrics["images"][0]
+    # Evaluations of the denoiser (UNet or transformer): a 4-step pivot at w = 1, then guided sampling
+    # on [uncond; cond] (FLUX: one row per step, its guidance is an input of the model).
+    rows_per_step = 1 if model == "tiny_flux" else 2
+    assert image["reconstruction_unet_evaluations"] == 4 * rows_per_step
+    assert image["inversion_unet_evaluations"] == (4 + 4 * (1 + 2 + 1) if method == "null_text" else 4)
+    assert len(image["latent_error"]["mse"]) == 5 and image["latent_error"]["mse"][0] == 0.0
+    in_run = np.asarray(Image.open(run_dir / "images" / f"{image['id']}.png"))
+    width = in_run.shape[1] // 3
+    with composed("reconstruct", [f"artifact={run_dir / 'inversions' / (image['id'] + '.safetensors')}"], tmp_path / "rec") as cfg:
+        rebuilt = np.asarray(Image.open(run_reconstruction(cfg)))
+    np.testing.assert_array_equal(rebuilt, in_run[:, 2 * width :])
+    assert np.abs(rebuilt.astype(int) - in_run[:, :width].astype(int)).mean() > 1
+
+
+def test_sdxl_null_text_optimises_the_null_and_the_pooled_null_of_every_step(pipes, sample_images):
+    pipe = pipes["tiny_xl"]
+    photo = Image.fromarray(sample_images[0].permute(1, 2, 0).numpy())
+    errors = {}
+    for method, options in (("ddim", {}), ("null_text", {"num_inner_steps": 5})):
+        result = invert(pipe, photo, "a photo", method=method, num_inference_steps=4, **options)
+        trajectory = reconstruct(Diffusion(pipe, 4), result.inversion).trajectory
+        errors[method] = latent_errors(trajectory, result.inversion.pivot)[0]
+    nulls = result.null_embeddings  # [4 steps, 77 tokens + the pooled row, 80]
+    assert nulls.shape == (4, 78, 80) and result.metrics["iterations"] == 20
+    sequence, pooled = unpack(nulls, 48)
+    # Both start at SDXL's zero null; both moved, step by step (warm-started, so each step's differs).
+    assert (sequence.abs().amax(dim=(1, 2)) > 1e-3).all() and (pooled.abs().amax(dim=1) > 1e-3).all()
+    assert not torch.allclose(pooled[0], pooled[-1])
+    assert torch.equal(nulls[:, -1, 48:], torch.zeros(4, 32))  # the padding gets no gradient
+    # The optimisation closes part of the guided sampling's gap to the pivot at every step.
+    assert (errors["null_text"][1:] < errors["ddim"][1:]).all()
