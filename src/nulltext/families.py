@@ -26,46 +26,44 @@ null-text on SDXL optimises one null embedding AND one pooled null embedding per
 tensor (Adam is elementwise, so one parameter equals two; the padding gets no gradient and stays 0).
 
 Each family's encoding and denoiser call transcribe its diffusers pipeline (file and lines of
-diffusers 0.42.1 cited next to the code); ``tests/test_families.py`` checks sampling from a given z_T against the stock
-pipelines on tiny models.
+diffusers 0.42.1 cited next to the code); ``tests/test_families.py`` checks sampling from a given
+z_T against the stock pipelines on tiny models.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from omegaconf import OmegaConf
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
 
 from nulltext.ddim import DDIMSchedule
 from nulltext.errors import UnknownNameError
 from nulltext.flow import FlowSchedule
-from nulltext.models import SD_SCHEDULER_CONFIG, ModelShape, clip_tokenizer, freeze
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What settings must fit in a model, known from its config files before any weights load."""
+
+    vae_factor: int  # image sides must be multiples of it (the VAE's downsampling, times SD3's patch or FLUX's packing)
+    resolution: int  # the image side it was trained at
+    max_steps: int  # the most sampling steps: training timesteps less the offset of the first one
+    family: str = "sd"  # a FAMILIES key
+
+
 def pack(sequence: Tensor, pooled: Tensor) -> Tensor:
     """[B, L, D] and [B, P] (P <= D) -> one context [B, L+1, D] whose last row is the pooled vector, zero-padded."""
+    if pooled.shape[-1] > sequence.shape[-1]:
+        raise ValueError(f"a pooled embedding of width {pooled.shape[-1]} does not fit in a context of width {sequence.shape[-1]}")
     return torch.cat([sequence, F.pad(pooled, (0, sequence.shape[-1] - pooled.shape[-1])).unsqueeze(1)], dim=1)
 
 
@@ -155,7 +153,7 @@ class StableDiffusion(Family):
         return self.pipe.text_encoder(ids.to(self.denoiser.device))[0]
 
     def forward(self, net, z, t, context, guidance):
-        return net(z, t, encoder_hidden_states=context, return_dict=False)[0]
+        return net(z, t, encoder_hidden_states=context).sample
 
 
 class StableDiffusionXL(Family):
@@ -193,7 +191,7 @@ class StableDiffusionXL(Family):
         height, width = (side * self.pipe.vae_scale_factor for side in z.shape[-2:])
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=sequence.dtype, device=z.device).expand(z.shape[0], 6)
         added = {"text_embeds": pooled, "time_ids": time_ids}
-        return net(z, t, encoder_hidden_states=sequence, added_cond_kwargs=added, return_dict=False)[0]
+        return net(z, t, encoder_hidden_states=sequence, added_cond_kwargs=added).sample
 
 
 class StableDiffusion3(Family):
@@ -230,7 +228,7 @@ class StableDiffusion3(Family):
     def forward(self, net, z, t, context, guidance):
         # __call__ lines 1066-1081: the time input is the scheduler's timestep (1000 sigma) per row.
         sequence, pooled = unpack(context, self.denoiser.config.pooled_projection_dim)
-        return net(hidden_states=z, timestep=time_input(t, z), encoder_hidden_states=sequence, pooled_projections=pooled, return_dict=False)[0]
+        return net(hidden_states=z, timestep=time_input(t, z), encoder_hidden_states=sequence, pooled_projections=pooled).sample
 
     def schedule(self, num_steps: int, resolution: int) -> FlowSchedule:
         # __call__ lines 1014-1041: the config's shift; mu from the token count only with dynamic shifting.
@@ -295,8 +293,7 @@ class Flux(Family):
             encoder_hidden_states=sequence,
             txt_ids=text_ids,
             img_ids=image_ids,
-            return_dict=False,
-        )[0]
+        ).sample
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def schedule(self, num_steps: int, resolution: int) -> FlowSchedule:
@@ -338,105 +335,3 @@ def family_class(pipeline_class_name: str, where: str) -> type[Family]:
 
 def supported_pipelines() -> str:
     return ", ".join(cls.pipeline.__name__ for cls in FAMILIES.values())
-
-
-# -- tiny and random-init pipelines of the new families (tests, GPU cost benchmarks) -------------------
-
-T5_SPECIAL = ("<pad>", "</s>", "<unk>")
-
-
-def t5_tokenizer(model_max_length: int) -> T5Tokenizer:
-    """A T5-style tokenizer built offline: T5's special tokens and ids (pad 0, eos 1, unk 2), a character vocabulary.
-
-    Offline there is no T5 SentencePiece model (OFFLINE.md); random-init T5 encoders only need
-    ids of the right kind. Every prompt ends with ``</s>`` and is padded with ``<pad>``, as with T5.
-    """
-    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
-    vocab = [(token, 0.0) for token in T5_SPECIAL] + [("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
-
-
-def _plain(*configs) -> list[dict]:
-    # Hydra passes DictConfig/ListConfig values, which diffusers' save_pretrained cannot serialise.
-    return [None if c is None else OmegaConf.to_container(OmegaConf.create(c)) for c in configs]
-
-
-def build_random_xl(
-    unet: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict | None = None, seed: int = 0, force_zeros_for_empty_prompt: bool = True
-) -> StableDiffusionXLPipeline:
-    """An SDXL pipeline with random weights: CLIP-L-like and CLIP-G-like (with projection) encoders, a text_time UNet.
-
-    The second tokenizer pads with ``!`` as SDXL's does.
-    """
-    unet, vae, text_encoder, text_encoder_2 = _plain(unet, vae, text_encoder, text_encoder_2)
-    torch.manual_seed(seed)
-    pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)),
-        tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"),
-        unet=UNet2DConditionModel(**unet),
-        scheduler=DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, **(scheduler or {})}),
-        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
-        add_watermarker=False,
-    )
-    return freeze(pipe)
-
-
-def build_random_sd3(
-    transformer: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, text_encoder_3: dict | None, scheduler: dict, t5_length: int = 256, seed: int = 0
-) -> StableDiffusion3Pipeline:
-    """An SD3 pipeline with random weights; ``text_encoder_3=None`` builds it without T5 (zeros in its place)."""
-    transformer, vae, text_encoder, text_encoder_2, text_encoder_3, scheduler = _plain(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, scheduler)
-    torch.manual_seed(seed)
-    tokenizer_3 = t5_tokenizer(t5_length) if text_encoder_3 is not None else None
-    pipe = StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(**transformer),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
-        vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder)),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)),
-        tokenizer_2=clip_tokenizer(pad_token="!"),
-        text_encoder_3=T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer_3), **text_encoder_3})) if tokenizer_3 else None,
-        tokenizer_3=tokenizer_3,
-    )
-    return freeze(pipe)
-
-
-def build_random_flux(
-    transformer: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict, t5_length: int = 512, seed: int = 0
-) -> FluxPipeline:
-    """A FLUX pipeline with random weights (guidance-distilled like FLUX-dev when ``transformer.guidance_embeds``)."""
-    transformer, vae, text_encoder, text_encoder_2, scheduler = _plain(transformer, vae, text_encoder, text_encoder_2, scheduler)
-    torch.manual_seed(seed)
-    tokenizer_2 = t5_tokenizer(t5_length)
-    pipe = FluxPipeline(
-        transformer=FluxTransformer2DModel(**transformer),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
-        vae=AutoencoderKL(**vae),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
-        tokenizer=clip_tokenizer(),
-        text_encoder_2=T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer_2), **text_encoder_2})),
-        tokenizer_2=tokenizer_2,
-    )
-    return freeze(pipe)
-
-
-# The random-init builders' family and the name of their denoiser's config node.
-BUILDERS = {
-    "nulltext.families.build_random_xl": ("sdxl", "unet"),
-    "nulltext.families.build_random_sd3": ("sd3", "transformer"),
-    "nulltext.families.build_random_flux": ("flux", "transformer"),
-}
-
-
-def random_config_shape(target: str, model: dict) -> ModelShape | None:
-    """The :class:`ModelShape` of a random-init model config of these families (None for another constructor)."""
-    if target not in BUILDERS:
-        return None
-    family, denoiser = BUILDERS[target]
-    scheduler = {**SD_SCHEDULER_CONFIG, **(model.get("scheduler") or {})} if family == "sdxl" else dict(model["scheduler"])
-    return FAMILIES[family].shape(dict(model[denoiser]), dict(model["vae"]), scheduler)

@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion pipelines (hub id or local folder) and building random-init ones.
+"""Loading pipelines of every family (hub id or local folder) and building random-init ones.
 
 Every pipeline leaves here frozen (``requires_grad_(False)``, eval mode) in float32: inversion
 optimises embeddings only, and the official code's unfrozen UNet costs ~3.4 GB of weight gradients
@@ -11,18 +11,30 @@ import gzip
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from omegaconf import OmegaConf
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 from transformers.utils import logging as transformers_logging
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
+from nulltext.families import FAMILIES, ModelShape, family_class, family_of
 from nulltext.io import atomic_write_text
 from nulltext.validation import SettingError
 
@@ -87,6 +99,11 @@ def freeze(pipe: DiffusionPipeline) -> DiffusionPipeline:
     return pipe
 
 
+def _plain(*configs) -> list[dict | None]:
+    """Component configs as plain containers: Hydra passes ListConfig values, which save_pretrained cannot serialise."""
+    return [None if c is None else OmegaConf.to_container(OmegaConf.create(c)) for c in configs]
+
+
 def build_random_pipeline(
     unet: dict,
     vae: dict,
@@ -99,8 +116,7 @@ def build_random_pipeline(
     Same code paths and per-call cost as a real SD model of the same shape (used by tests and GPU
     benchmarks); its pictures are noise.
     """
-    # Plain containers: Hydra passes ListConfig values, which save_pretrained cannot serialise.
-    unet, vae, text_encoder = (OmegaConf.to_container(OmegaConf.create(c)) for c in (unet, vae, text_encoder))
+    unet, vae, text_encoder = _plain(unet, vae, text_encoder)
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(**text_encoder)
     pipe = StableDiffusionPipeline(
@@ -212,14 +228,13 @@ def pipeline_resolution(pipe: DiffusionPipeline) -> int:
     return pipeline_shape(pipe).resolution
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What settings must fit in a model, known from its config files before any weights load."""
-
-    vae_factor: int  # image sides must be multiples of it (the VAE's downsampling, times SD3's patch or FLUX's packing)
-    resolution: int  # the image side it was trained at
-    max_steps: int  # the most sampling steps: training timesteps less the offset of the first one
-    family: str = "sd"  # nulltext.families.FAMILIES key
+# The random-init builders (model configs' ``_target_``) and the family each builds.
+RANDOM_BUILDERS = {
+    "nulltext.models.build_random_pipeline": "sd",
+    "nulltext.models.build_random_xl": "sdxl",
+    "nulltext.models.build_random_sd3": "sd3",
+    "nulltext.models.build_random_flux": "flux",
+}
 
 
 def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
@@ -230,22 +245,21 @@ def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
     come from the Hugging Face cache (or the hub): small files, no weights. None for a constructor
     nulltext does not know (its shape is then read from the loaded pipeline, :func:`pipeline_shape`).
     """
-    from nulltext.families import FAMILIES, random_config_shape
-
     target = model.get("_target_")
-    if target == "nulltext.models.build_random_pipeline":
-        return FAMILIES["sd"].shape(model["unet"], model["vae"], {**SD_SCHEDULER_CONFIG, **(model.get("scheduler") or {})})
+    if target in RANDOM_BUILDERS:
+        family = FAMILIES[RANDOM_BUILDERS[target]]
+        # The UNet families' builders default to SD's DDIM settings; the flow ones take the whole scheduler config.
+        scheduler = {**(SD_SCHEDULER_CONFIG if family.denoiser_name == "unet" else {}), **(model.get("scheduler") or {})}
+        return family.shape(model[family.denoiser_name], model["vae"], scheduler)
     if target == "nulltext.pocket.load_pocket":
         return _folder_shape(str(pocket_folder(model.get("path"))), None)
     if target == "nulltext.models.load_pipeline":
         return _folder_shape(model.get("path"), model.get("revision"))
-    return random_config_shape(target, model)
+    return None
 
 
 def _family(path: str, local: Path | None, revision: str | None):
     """The :class:`~nulltext.families.Family` class of the pipeline folder or hub id ``path``."""
-    from nulltext.families import family_class
-
     return family_class(_config_file(path, local, "model_index.json", revision).get("_class_name"), repr(path))
 
 
@@ -275,7 +289,83 @@ def _folder_shape(path: str, revision: str | None) -> ModelShape:
 
 def pipeline_shape(pipe: DiffusionPipeline) -> ModelShape:
     """The :class:`ModelShape` of a loaded pipeline."""
-    from nulltext.families import family_of
-
     family = family_of(pipe)
     return family.shape(dict(family.denoiser.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
+
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+
+
+def t5_tokenizer(model_max_length: int) -> T5Tokenizer:
+    """A T5-style tokenizer built offline: T5's special tokens and ids (pad 0, eos 1, unk 2), a character vocabulary.
+
+    Offline there is no T5 SentencePiece model (OFFLINE.md); random-init T5 encoders only need
+    ids of the right kind. Every prompt ends with ``</s>`` and is padded with ``<pad>``, as with T5.
+    """
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+    vocab = [(token, 0.0) for token in T5_SPECIAL] + [("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_random_xl(
+    unet: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict | None = None, seed: int = 0, force_zeros_for_empty_prompt: bool = True
+) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline with random weights: CLIP-L-like and CLIP-G-like (with projection) encoders, a text_time UNet.
+
+    The second tokenizer pads with ``!`` as SDXL's does.
+    """
+    unet, vae, text_encoder, text_encoder_2 = _plain(unet, vae, text_encoder, text_encoder_2)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=UNet2DConditionModel(**unet),
+        scheduler=DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, **(scheduler or {})}),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    return freeze(pipe)
+
+
+def build_random_sd3(
+    transformer: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, text_encoder_3: dict | None, scheduler: dict, t5_length: int = 256, seed: int = 0
+) -> StableDiffusion3Pipeline:
+    """An SD3 pipeline with random weights; ``text_encoder_3=None`` builds it without T5 (zeros in its place)."""
+    transformer, vae, text_encoder, text_encoder_2, text_encoder_3, scheduler = _plain(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, scheduler)
+    torch.manual_seed(seed)
+    tokenizer_3 = t5_tokenizer(t5_length) if text_encoder_3 is not None else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer_3), **text_encoder_3})) if tokenizer_3 else None,
+        tokenizer_3=tokenizer_3,
+    )
+    return freeze(pipe)
+
+
+def build_random_flux(
+    transformer: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict, t5_length: int = 512, seed: int = 0
+) -> FluxPipeline:
+    """A FLUX pipeline with random weights (guidance-distilled like FLUX-dev when ``transformer.guidance_embeds``)."""
+    transformer, vae, text_encoder, text_encoder_2, scheduler = _plain(transformer, vae, text_encoder, text_encoder_2, scheduler)
+    torch.manual_seed(seed)
+    tokenizer_2 = t5_tokenizer(t5_length)
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(**transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer_2), **text_encoder_2})),
+        tokenizer_2=tokenizer_2,
+    )
+    return freeze(pipe)
