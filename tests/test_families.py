@@ -251,3 +251,29 @@ def test_sdxl_null_text_optimises_the_null_and_the_pooled_null_of_every_step(pip
     assert torch.equal(nulls[:, -1, 48:], torch.zeros(4, 32))  # the padding gets no gradient
     # The optimisation closes part of the guided sampling's gap to the pivot at every step.
     assert (errors["null_text"][1:] < errors["ddim"][1:]).all()
+
+
+def test_editing_refuses_other_families_in_one_line(tmp_path):
+    """Prompt-to-Prompt is ported to SD 1/2 only: an SDXL artifact, or an SDXL model to invert first, stops with one line."""
+    from nulltext.editing.cli import check_edit, run_attention, run_edit
+
+    run_dir = tmp_path / "run"
+    with composed("config", ["model=tiny_xl", "inversion=ddim", "diffusion.num_inference_steps=2", "data.limit=1", "logger=csv"], run_dir) as cfg:
+        image_id = run_inversion(cfg)["images"][0]["id"]
+    artifact = f"artifact={run_dir / 'inversions' / (image_id + '.safetensors')}"
+    for app, run, overrides in (("edit", run_edit, [artifact, "prompts=[a dog]"]), ("attention", run_attention, [artifact])):
+        with composed(app, overrides, tmp_path / app) as cfg:
+            with pytest.raises(SettingError, match="editing and attention maps run on SD 1.x/2.x models only, this is a sdxl model"):
+                run(cfg)
+    with composed("edit", ["model=tiny_flux", "image=x.png", "caption=a cat", "prompts=[a dog]"], tmp_path / "image") as cfg:
+        with pytest.raises(SettingError, match="this is a flux model"):
+            check_edit(cfg)
+
+
+def test_the_api_checks_the_family_and_inverts_with_flow(pipes, sample_images):
+    photo = Image.fromarray(sample_images[0].permute(1, 2, 0).numpy())
+    with pytest.raises(SettingError, match="inversion=null_text does not run on flux models"):
+        invert(pipes["tiny_flux"], photo, "a photo", method="null_text")
+    result = invert(pipes["tiny_flux"], photo, "a photo", method="flow_inversion", num_inference_steps=3, guidance_scale=3.5)
+    assert result.z_T.shape == (16, 16, 16) and result.reconstruction.size == (64, 64)
+    assert result.inversion.pivot.shape == (1, 4, 16, 16, 16)
