@@ -146,12 +146,17 @@ def test_a_saved_pipeline_loads_offline_as_its_family(pipes, name, tmp_path, mon
 
 
 def test_model_shapes_from_configs():
-    shapes = {name: model_shape(OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")) for name in ("tiny_xl", "tiny_sd3", "tiny_flux")}
-    # Image sides: VAE factor 4; SD3 patches 2x2 and FLUX packs 2x2, so their sides are multiples of 8.
+    """Read from the configs alone: the full-shape random models are never built here."""
+    names = ("tiny_xl", "tiny_sd3", "tiny_flux", "sdxl_random", "sd3_random", "flux_random")
+    shapes = {name: model_shape(OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")) for name in names}
+    # Image sides: multiples of the VAE factor (4 tiny, 8 real); SD3 patches 2x2 and FLUX packs 2x2: twice that.
     assert shapes == {
         "tiny_xl": ModelShape(4, 64, 999, "sdxl"),
         "tiny_sd3": ModelShape(8, 64, 1000, "sd3"),
         "tiny_flux": ModelShape(8, 64, 1000, "flux"),
+        "sdxl_random": ModelShape(8, 1024, 999, "sdxl"),
+        "sd3_random": ModelShape(16, 1024, 1000, "sd3"),
+        "flux_random": ModelShape(16, 1024, 1000, "flux"),
     }
 
 
