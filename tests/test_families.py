@@ -143,6 +143,20 @@ def test_a_saved_pipeline_loads_offline_as_its_family(pipes, name, tmp_path, mon
     context = ours.encode_text(PROMPTS[:1])
     with torch.no_grad():
         torch.testing.assert_close(ours.model_output(z, t, context), theirs.model_output(z, t, context), atol=0, rtol=0)
+    if name == "tiny_sd3":  # model.t5=false: SD3 without its T5 encoder
+        assert load_folder(str(tmp_path / "pipe"), local_files_only=True, t5=False).text_encoder_3 is None
+    else:
+        with pytest.raises(SettingError, match="only SD3 can run without its T5 encoder"):
+            load_folder(str(tmp_path / "pipe"), local_files_only=True, t5=False)
+
+
+def test_flux_refuses_latents_of_another_size_than_its_schedule(pipes):
+    """FLUX shifts its schedule with the image's token count: 32 px latents on a 64 px schedule stop with one line."""
+    diffusion = Diffusion(pipes["tiny_flux"], STEPS)
+    context = diffusion.encode_text(PROMPTS[:1])
+    with pytest.raises(SettingError, match="set up for 64 px images, these are 32 px"):
+        diffusion.sample(torch.zeros(1, 16, 8, 8), context.unsqueeze(1), context.unsqueeze(1))
+    assert Diffusion(pipes["tiny_flux"], STEPS, resolution=32).schedule.timesteps != diffusion.schedule.timesteps
 
 
 def test_model_shapes_from_configs():
