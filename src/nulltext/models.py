@@ -163,7 +163,7 @@ def load_pipeline(
     only if the weights are already in the Hugging Face cache; otherwise one clear error says what to do.
     """
     local = _local_folder(path)
-    family = _family(path, local, revision)
+    family = _family(path, local, revision, bool(local_files_only))
     kwargs = {"dtype": torch.float32}
     if family.name == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
@@ -258,18 +258,18 @@ def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
     return None
 
 
-def _family(path: str, local: Path | None, revision: str | None):
+def _family(path: str, local: Path | None, revision: str | None, local_files_only: bool = False):
     """The :class:`~nulltext.families.Family` class of the pipeline folder or hub id ``path``."""
-    return family_class(_config_file(path, local, "model_index.json", revision).get("_class_name"), repr(path))
+    return family_class(_config_file(path, local, "model_index.json", revision, local_files_only).get("_class_name"), repr(path))
 
 
-def _config_file(path: str, local: Path | None, name: str, revision: str | None) -> dict:
+def _config_file(path: str, local: Path | None, name: str, revision: str | None, local_files_only: bool = False) -> dict:
     """A JSON file of a pipeline folder or hub id (the Hugging Face cache's copy offline)."""
     if local is None:
         from huggingface_hub import hf_hub_download
 
         try:
-            file = hf_hub_download(path, name, revision=revision)
+            file = hf_hub_download(path, name, revision=revision, local_files_only=local_files_only)
         except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
             raise _unavailable(path, error) from None
     else:
