@@ -15,6 +15,9 @@ def _offline_cache(tmp_path_factory):
     """No test touches the network or the user's caches."""
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable when it was imported (before this fixture): set its switch too,
+    # or an in-process hub lookup tries the network (and waits for its time-outs) before failing.
+    mp.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("NULLTEXT_CACHE", str(tmp_path_factory.mktemp("nulltext-cache")))
     yield

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -17,7 +17,7 @@ from nulltext import models
 from nulltext.artifacts import load_artifact
 from nulltext.data import load_image, preprocess_image
 from nulltext.diffusion import Diffusion
-from nulltext.methods import Inversion, image_seed, make_method
+from nulltext.methods import Inversion, check_family, image_seed, make_method
 from nulltext.metrics import load_lpips, score_uint8
 from nulltext.models import pipeline_resolution
 from nulltext.reconstruction import reconstruct, to_uint8
@@ -25,11 +25,13 @@ from nulltext.reconstruction import reconstruct, to_uint8
 MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
-def load_pipeline(name_or_path: str = "pocket", **overrides) -> StableDiffusionPipeline:
-    """A frozen float32 pipeline: a model config name (``tiny``, ``sd14``, ...), a hub id or a local folder."""
+def load_pipeline(name_or_path: str = "pocket", **overrides) -> DiffusionPipeline:
+    """A frozen float32 pipeline: a model config name (``tiny``, ``sd14``, ``tiny_xl``, ...), a hub id or a local folder."""
     config_file = MODEL_CONFIGS / f"{name_or_path}.yaml"
     if "/" not in name_or_path and config_file.exists():
-        return instantiate(OmegaConf.merge(OmegaConf.load(config_file), overrides))
+        config = OmegaConf.load(config_file)
+        config.pop("defaults", None)  # the sampler config a model picks (Hydra's defaults list), not a setting
+        return instantiate(OmegaConf.merge(config, overrides))
     return models.load_pipeline(name_or_path, **overrides)
 
 
@@ -49,7 +51,7 @@ class InversionResult:
 
 
 def invert(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     image: str | Path | Image.Image,
     prompt: str,
     method: str = "null_text",
@@ -60,10 +62,11 @@ def invert(
     **overrides,
 ) -> InversionResult:
     """Invert one image with one method (``overrides`` set the method's options, e.g. num_inner_steps=20)."""
-    diffusion = Diffusion(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    inverter = make_method(method, **overrides)
-    inverter.prepare(caption_pool or [])
     resolution = pipeline_resolution(pipe)
+    diffusion = Diffusion(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, resolution=resolution)
+    inverter = make_method(method, **overrides)
+    check_family(inverter, diffusion.family.name)
+    inverter.prepare(caption_pool or [])
     load = preprocess_image if isinstance(image, Image.Image) else load_image
     pixels = load(image, resolution).unsqueeze(0).to(diffusion.device)
     z0 = diffusion.encode_images(pixels)
@@ -98,6 +101,6 @@ def invert(
 def reconstruct_artifact(path: str | Path) -> Image.Image:
     """Re-create the reconstruction stored in an inversion artifact (``inversions/<id>.safetensors``)."""
     inversion, record = load_artifact(path)
-    diffusion = instantiate(record["diffusion_config"], pipe=instantiate(record["model_config"]))
+    diffusion = instantiate(record["diffusion_config"], pipe=instantiate(record["model_config"]), resolution=record.get("resolution"))
     images = reconstruct(diffusion, inversion).images
     return Image.fromarray(images[0].permute(1, 2, 0).cpu().numpy())

@@ -67,6 +67,15 @@ def method_options(value, name: str = "method_options") -> dict:
     return options or {}
 
 
+def check_editable_family(family: str) -> None:
+    """Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x models only (a one-line error for the others)."""
+    if family != "sd":
+        raise SettingError(
+            f"editing and attention maps run on SD 1.x/2.x models only, this is a {family} model: "
+            "Prompt-to-Prompt is not ported to SDXL, SD3 or FLUX yet (their inversions run with `nulltext model=...`)"
+        )
+
+
 def check_methods(cfg: DictConfig, options: dict[str, dict]) -> dict:
     """The inversion methods (name -> options) built (their constructors check the options) and the
     sampler settings of ``cfg.diffusion`` checked against ``cfg.model``'s config, before any model loads."""
@@ -75,5 +84,7 @@ def check_methods(cfg: DictConfig, options: dict[str, dict]) -> dict:
     from nulltext.models import model_shape
 
     shape = model_shape(cfg.model)
+    if shape is not None:
+        check_editable_family(shape.family)
     check_sampler_config(cfg.diffusion, shape.max_steps if shape else 999)
     return {name: make_method(check_text("method", name), **opts) for name, opts in options.items()}

@@ -110,6 +110,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     files); the loggers and the trainer. Any bad value raises a NulltextError (one line).
     """
     from nulltext.diffusion import check_sampler_config
+    from nulltext.methods import check_family
     from nulltext.metrics import LPIPS_NETS
     from nulltext.models import model_shape, pipeline_shape
     from nulltext.runner import progress_bar_settings
@@ -125,6 +126,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
         shape = pipeline_shape(pipe)
     check_sampler_config(cfg.diffusion, shape.max_steps)
     method = instantiate(cfg.inversion)
+    check_family(method, shape.family)
     resolution = cfg.data.get("resolution")
     resolution = check_multiple("data.resolution", shape.resolution if resolution is None else resolution, shape.vae_factor)
     datamodule = instantiate(cfg.data, resolution=resolution)
@@ -151,7 +153,7 @@ def run_inversion(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
     pipe = run.pipe if run.pipe is not None else instantiate(cfg.model)
-    diffusion = instantiate(cfg.diffusion, pipe=pipe)
+    diffusion = instantiate(cfg.diffusion, pipe=pipe, resolution=run.resolution)
     method, datamodule, resolution, loggers, trainer = run.method, run.datamodule, run.resolution, run.loggers, run.trainer
     record = {
         "model": choice("model") or str(cfg.model.get("path", cfg.model._target_)),

@@ -44,7 +44,8 @@ class UNetCounter:
 
     def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._paused:
-            sample = args[0] if args else kwargs["sample"]
+            # The latents: a UNet's first argument or ``sample``; SD3's and FLUX's transformers' ``hidden_states``.
+            sample = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
             self.rows += sample.shape[0]
 
     @contextlib.contextmanager

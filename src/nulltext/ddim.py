@@ -100,6 +100,10 @@ class DDIMSchedule:
         """
         return float(self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod)
 
+    def source_timestep(self, t: int) -> int:
+        """The timestep one step below ``t`` (clamped at 0): where an inversion step starts."""
+        return max(t - self.step_ratio, 0)
+
     def denoise_step(self, model_output: Tensor, t: int, z_t: Tensor) -> Tensor:
         """z_t -> z_{t-k}, with the UNet output evaluated on z_t at timestep t."""
         x0_hat, eps = split_model_output(model_output, z_t, self.alpha(t), self.prediction_type)

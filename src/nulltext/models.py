@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion pipelines (hub id or local folder) and building random-init ones.
+"""Loading pipelines of every family (hub id or local folder) and building random-init ones.
 
 Every pipeline leaves here frozen (``requires_grad_(False)``, eval mode) in float32: inversion
 optimises embeddings only, and the official code's unfrozen UNet costs ~3.4 GB of weight gradients
@@ -11,18 +11,30 @@ import gzip
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from omegaconf import OmegaConf
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 from transformers.utils import logging as transformers_logging
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
+from nulltext.families import FAMILIES, ModelShape, family_class, family_of
 from nulltext.io import atomic_write_text
 from nulltext.validation import SettingError
 
@@ -58,8 +70,10 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nulltext"
 
 
-def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
+def clip_tokenizer(cache_dir: str | os.PathLike | None = None, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """The real CLIP ViT-L/14 tokenizer (SD v1 token ids), built offline from open_clip's BPE merges.
+
+    SD v1 pads with ``<|endoftext|>``; SDXL's and SD3's second (OpenCLIP ViT-bigG) tokenizer with ``!``.
 
     The vocabulary is OpenAI's rule: 256 byte symbols, the same with ``</w>``, one entry per merge,
     then the two special tokens. Written once to a cache folder and loaded with ``from_pretrained``
@@ -80,15 +94,22 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None) -> CLIPTokenizer:
         # SD v1 pads with <|endoftext|>; the config file is written last so it marks a complete folder.
         config = {"model_max_length": CLIP_CONTEXT_LENGTH, "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(config))
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_CONTEXT_LENGTH)
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_CONTEXT_LENGTH, pad_token=pad_token)
 
 
-def freeze(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+def freeze(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Every network of the pipeline without gradients and in eval mode; no progress bars."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _plain(*configs) -> list[dict | None]:
+    """Component configs as plain containers: Hydra passes ListConfig values, which save_pretrained cannot serialise."""
+    return [None if c is None else OmegaConf.to_container(OmegaConf.create(c)) for c in configs]
 
 
 def build_random_pipeline(
@@ -103,8 +124,7 @@ def build_random_pipeline(
     Same code paths and per-call cost as a real SD model of the same shape (used by tests and GPU
     benchmarks); its pictures are noise.
     """
-    # Plain containers: Hydra passes ListConfig values, which save_pretrained cannot serialise.
-    unet, vae, text_encoder = (OmegaConf.to_container(OmegaConf.create(c)) for c in (unet, vae, text_encoder))
+    unet, vae, text_encoder = _plain(unet, vae, text_encoder)
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(**text_encoder)
     pipe = StableDiffusionPipeline(
@@ -140,21 +160,32 @@ def pocket_folder(path: str | None = None) -> Path:
     return folder
 
 
-def load_pipeline(path: str, revision: str | None = None, local_files_only: bool | None = None) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
+def load_pipeline(
+    path: str, revision: str | None = None, local_files_only: bool | None = None, t5: bool = True
+) -> DiffusionPipeline:
+    """Load a pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
 
-    Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works only if the weights are already in
-    the Hugging Face cache; otherwise one clear error says what to do.
+    Its family (SD 1/2, SDXL, SD3, FLUX: :mod:`nulltext.families`) is the pipeline class its
+    ``model_index.json`` names. ``t5=False`` loads SD3 without its T5 encoder (zeros take its place,
+    as in StableDiffusion3Pipeline). Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works
+    only if the weights are already in the Hugging Face cache; otherwise one clear error says what to do.
     """
     local = _local_folder(path)
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch.float32}
+    family = _family(path, local, revision, bool(local_files_only))
+    kwargs = {"dtype": torch.float32}
+    if family.name == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if not t5:
+        if family.name != "sd3":
+            raise SettingError(f"model.t5=false is not allowed for {path!r}: only SD3 can run without its T5 encoder")
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     # Loading bars would bury the results table (they are per component, and jobs load often).
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
+        pipe = family.pipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
     except (OSError, EnvironmentError, ValueError) as error:
         raise _unavailable(path, error) from None
     return freeze(pipe)
@@ -167,13 +198,13 @@ def _local_folder(path: str) -> Path | None:
     local = Path(path).expanduser()
     if local.exists() and not (local / "model_index.json").exists():
         raise ModelUnavailableError(
-            f"model folder {local} has no model_index.json: give a folder written by "
-            "StableDiffusionPipeline.save_pretrained, or a hub id"
+            f"model folder {local} has no model_index.json: give a folder written by a pipeline's "
+            "save_pretrained (StableDiffusionPipeline, StableDiffusionXLPipeline, ...), or a hub id"
         )
     if path.count("/") != 1 and not local.exists():
         raise UnknownNameError(
             f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
-            "or one of the model configs (model=tiny, sd14, sd15, sd21_base)"
+            "or one of the model configs (model=tiny, sd14, sd15, sd21_base, sdxl, sd3, flux_dev, flux_schnell, tiny_xl, ...)"
         )
     return local if local.exists() else None
 
@@ -200,38 +231,34 @@ def resolve_device(name: str | None, setting: str = "device") -> torch.device:
         raise SettingError(f"{setting}={name!r} is not allowed: auto, cpu, cuda, cuda:<index> or mps") from None
 
 
-def pipeline_resolution(pipe: StableDiffusionPipeline) -> int:
-    """Pixel resolution the pipeline was trained at: latent size times the VAE's downsampling."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+def pipeline_resolution(pipe: DiffusionPipeline) -> int:
+    """Pixel resolution the pipeline was trained at (latent size times the VAE's downsampling for SD)."""
+    return pipeline_shape(pipe).resolution
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What settings must fit in a model, known from its config files before any weights load."""
-
-    vae_factor: int  # the VAE's downsampling: image sides must be multiples of it
-    resolution: int  # the image side it was trained at (latent side times vae_factor)
-    max_steps: int  # the most sampling steps: training timesteps less the offset of the first one
-
-
-def _shape(unet: Mapping[str, Any], vae: Mapping[str, Any], scheduler: Mapping[str, Any]) -> ModelShape:
-    # diffusers' rule (StableDiffusionPipeline.vae_scale_factor): one halving per VAE level but the last.
-    factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
-    max_steps = int(scheduler.get("num_train_timesteps", 1000)) - int(scheduler.get("steps_offset", 0))
-    return ModelShape(factor, int(unet.get("sample_size") or 64) * factor, max_steps)
+# The random-init builders (model configs' ``_target_``) and the family each builds.
+RANDOM_BUILDERS = {
+    "nulltext.models.build_random_pipeline": "sd",
+    "nulltext.models.build_random_xl": "sdxl",
+    "nulltext.models.build_random_sd3": "sd3",
+    "nulltext.models.build_random_flux": "flux",
+}
 
 
 def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
     """The :class:`ModelShape` of a ``model`` config node, from its settings or its folder's JSON files.
 
     Random-init configs carry their component configs; a local folder (and pocket) has
-    ``unet/config.json`` etc.; a hub id's config files come from the Hugging Face cache (or the hub):
-    small files, no weights. None for a constructor nulltext does not know (its shape is then read
-    from the loaded pipeline, :func:`pipeline_shape`).
+    ``model_index.json``, ``unet/config.json`` (or ``transformer/``) etc.; a hub id's config files
+    come from the Hugging Face cache (or the hub): small files, no weights. None for a constructor
+    nulltext does not know (its shape is then read from the loaded pipeline, :func:`pipeline_shape`).
     """
     target = model.get("_target_")
-    if target == "nulltext.models.build_random_pipeline":
-        return _shape(model["unet"], model["vae"], {**SD_SCHEDULER_CONFIG, **(model.get("scheduler") or {})})
+    if target in RANDOM_BUILDERS:
+        family = FAMILIES[RANDOM_BUILDERS[target]]
+        # The UNet families' builders default to SD's DDIM settings; the flow ones take the whole scheduler config.
+        scheduler = {**(SD_SCHEDULER_CONFIG if family.denoiser_name == "unet" else {}), **(model.get("scheduler") or {})}
+        return family.shape(model[family.denoiser_name], model["vae"], scheduler)
     if target == "nulltext.pocket.load_pocket":
         return _folder_shape(str(pocket_folder(model.get("path"))), None)
     if target == "nulltext.models.load_pipeline":
@@ -239,27 +266,114 @@ def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
     return None
 
 
+def _family(path: str, local: Path | None, revision: str | None, local_files_only: bool = False):
+    """The :class:`~nulltext.families.Family` class of the pipeline folder or hub id ``path``."""
+    return family_class(_config_file(path, local, "model_index.json", revision, local_files_only).get("_class_name"), repr(path))
+
+
+def _config_file(path: str, local: Path | None, name: str, revision: str | None, local_files_only: bool = False) -> dict:
+    """A JSON file of a pipeline folder or hub id (the Hugging Face cache's copy offline)."""
+    if local is None:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = hf_hub_download(path, name, revision=revision, local_files_only=local_files_only)
+        except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
+            raise _unavailable(path, error) from None
+    else:
+        file = local / name
+    try:
+        return json.loads(Path(file).read_text())
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
+
+
 def _folder_shape(path: str, revision: str | None) -> ModelShape:
     local = _local_folder(path)
-    files = {}
-    for name in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
-        if local is None:
-            from huggingface_hub import hf_hub_download
-
-            try:
-                file = hf_hub_download(path, name, revision=revision)
-            except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
-                raise _unavailable(path, error) from None
-        else:
-            file = local / name
-        try:
-            files[name] = json.loads(Path(file).read_text())
-        except (OSError, ValueError) as error:
-            raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
-    return _shape(*files.values())
+    family = _family(path, local, revision)
+    names = (f"{family.denoiser_name}/config.json", "vae/config.json", "scheduler/scheduler_config.json")
+    return family.shape(*(_config_file(path, local, name, revision) for name in names))
 
 
-def pipeline_shape(pipe: StableDiffusionPipeline) -> ModelShape:
+def pipeline_shape(pipe: DiffusionPipeline) -> ModelShape:
     """The :class:`ModelShape` of a loaded pipeline."""
-    config = pipe.scheduler.config
-    return ModelShape(pipe.vae_scale_factor, pipeline_resolution(pipe), config.num_train_timesteps - config.get("steps_offset", 0))
+    family = family_of(pipe)
+    return family.shape(dict(family.denoiser.config), dict(pipe.vae.config), dict(pipe.scheduler.config))
+
+
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+
+
+def t5_tokenizer(model_max_length: int) -> T5Tokenizer:
+    """A T5-style tokenizer built offline: T5's special tokens and ids (pad 0, eos 1, unk 2), a character vocabulary.
+
+    Offline there is no T5 SentencePiece model (OFFLINE.md); random-init T5 encoders only need
+    ids of the right kind. Every prompt ends with ``</s>`` and is padded with ``<pad>``, as with T5.
+    """
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+    vocab = [(token, 0.0) for token in T5_SPECIAL] + [("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in characters] + [("\u2581" + c, -2.5) for c in characters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def build_random_xl(
+    unet: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict | None = None, seed: int = 0, force_zeros_for_empty_prompt: bool = True
+) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline with random weights: CLIP-L-like and CLIP-G-like (with projection) encoders, a text_time UNet.
+
+    The second tokenizer pads with ``!`` as SDXL's does.
+    """
+    unet, vae, text_encoder, text_encoder_2 = _plain(unet, vae, text_encoder, text_encoder_2)
+    torch.manual_seed(seed)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=UNet2DConditionModel(**unet),
+        scheduler=DDIMScheduler.from_config({**SD_SCHEDULER_CONFIG, **(scheduler or {})}),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+        add_watermarker=False,
+    )
+    return freeze(pipe)
+
+
+def build_random_sd3(
+    transformer: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, text_encoder_3: dict | None, scheduler: dict, t5_length: int = 256, seed: int = 0
+) -> StableDiffusion3Pipeline:
+    """An SD3 pipeline with random weights; ``text_encoder_3=None`` builds it without T5 (zeros in its place)."""
+    transformer, vae, text_encoder, text_encoder_2, text_encoder_3, scheduler = _plain(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, scheduler)
+    torch.manual_seed(seed)
+    tokenizer_3 = t5_tokenizer(t5_length) if text_encoder_3 is not None else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        text_encoder_3=T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer_3), **text_encoder_3})) if tokenizer_3 else None,
+        tokenizer_3=tokenizer_3,
+    )
+    return freeze(pipe)
+
+
+def build_random_flux(
+    transformer: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict, t5_length: int = 512, seed: int = 0
+) -> FluxPipeline:
+    """A FLUX pipeline with random weights (guidance-distilled like FLUX-dev when ``transformer.guidance_embeds``)."""
+    transformer, vae, text_encoder, text_encoder_2, scheduler = _plain(transformer, vae, text_encoder, text_encoder_2, scheduler)
+    torch.manual_seed(seed)
+    tokenizer_2 = t5_tokenizer(t5_length)
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(**transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler),
+        vae=AutoencoderKL(**vae),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(T5Config(**{"vocab_size": len(tokenizer_2), **text_encoder_2})),
+        tokenizer_2=tokenizer_2,
+    )
+    return freeze(pipe)

@@ -178,9 +178,7 @@ class InversionModule(L.LightningModule):
     ):
         super().__init__()
         self.diffusion = diffusion
-        self.components = torch.nn.ModuleDict(
-            {"unet": diffusion.unet, "vae": diffusion.vae, "text_encoder": diffusion.text_encoder}
-        )
+        self.components = torch.nn.ModuleDict(diffusion.components)
         self.method = method
         self.output_dir = Path(output_dir)
         self.seed = seed

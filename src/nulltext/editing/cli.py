@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nulltext.apps import CONFIG_DIR, check_common, check_methods, method_options, plain, report_errors
+from nulltext.apps import CONFIG_DIR, check_common, check_editable_family, check_methods, method_options, plain, report_errors
 from nulltext.validation import SettingError, check_choice, check_int, check_text
 
 GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
@@ -73,10 +73,14 @@ def _diffusion_from_record(record: dict, device):
     from hydra.utils import instantiate
 
     from nulltext.editing.errors import EditError
+    from nulltext.models import model_shape
 
     missing = [k for k in ("model_config", "diffusion_config") if k not in record]
     if missing:
         raise EditError(f"the artifact does not record {' and '.join(missing)}; re-create it with `nulltext` (the runner writes them)")
+    shape = model_shape(record["model_config"])
+    if shape is not None:
+        check_editable_family(shape.family)
     pipe = instantiate(record["model_config"]).to(device)
     return instantiate(record["diffusion_config"], pipe=pipe)
 

@@ -3,8 +3,9 @@
 import inspect
 
 from nulltext.errors import UnknownNameError
+from nulltext.validation import SettingError
 from nulltext.methods.base import Inversion, InversionMethod, image_seed
-from nulltext.methods.baselines import DDIMInversion, NegativePromptInversion, VAEReconstruction
+from nulltext.methods.baselines import DDIMInversion, FlowInversion, NegativePromptInversion, VAEReconstruction
 from nulltext.methods.denoising import NullTextNoPivot, TextualInversion
 from nulltext.methods.exact import BDIAInversion, EDICTInversion
 from nulltext.methods.fixed_point import FixedPointInversion, ReNoiseInversion
@@ -18,6 +19,7 @@ METHODS: dict[str, type[InversionMethod]] = {
     for cls in (
         VAEReconstruction,
         DDIMInversion,
+        FlowInversion,
         NullTextInversion,
         GlobalNullTextInversion,
         RandomPivotNullText,
@@ -46,6 +48,16 @@ def method_class(name: str | None) -> type[InversionMethod]:
     return METHODS[name]
 
 
+def check_family(method: InversionMethod | type[InversionMethod], family: str) -> None:
+    """A :class:`SettingError` when ``method`` does not run on models of ``family`` (it names those that do)."""
+    if family not in method.families:
+        others = [name for name, cls in METHODS.items() if family in cls.families]
+        raise SettingError(
+            f"inversion={method.name} does not run on {family} models (it runs on: {', '.join(method.families)}); "
+            f"the methods for {family} models are: {', '.join(others)}"
+        )
+
+
 def make_method(name: str, **overrides) -> InversionMethod:
     """Instantiate a method by its config name with keyword overrides of its defaults."""
     if name not in METHODS:
@@ -67,4 +79,4 @@ def method_options(cls: type[InversionMethod]) -> list[str]:
     return []
 
 
-__all__ = ["METHODS", "Inversion", "InversionMethod", "image_seed", "make_method", "method_class", "method_options", *[c.__name__ for c in METHODS.values()]]
+__all__ = ["METHODS", "Inversion", "InversionMethod", "check_family", "image_seed", "make_method", "method_class", "method_options", *[c.__name__ for c in METHODS.values()]]

@@ -92,6 +92,9 @@ class InversionMethod(ABC):
     """
 
     name: ClassVar[str]
+    # The model families (nulltext.families.FAMILIES) the method runs on; on another one a run stops
+    # with one line before any model loads (nulltext.methods.check_family).
+    families: ClassVar[tuple[str, ...]] = ("sd",)
     # Whether ``nulltext edit`` can apply Prompt-to-Prompt to its inversions; if not, what to use.
     editable: ClassVar[bool] = True
     edit_instead: ClassVar[str] = ""

@@ -1,4 +1,4 @@
-"""Methods without optimisation: the VAE upper bound, DDIM inversion and negative-prompt inversion."""
+"""Methods without optimisation: the VAE upper bound, DDIM and flow inversion, and negative-prompt inversion."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class VAEReconstruction(InversionMethod):
     """Upper bound: decode(encode(x)); no diffusion at all."""
 
     name = "vae"
+    families = ("sd", "sdxl", "sd3", "flux")
 
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
@@ -28,13 +29,14 @@ class DDIMInversion(InversionMethod):
     """
 
     name = "ddim"
+    families = ("sd", "sdxl")
 
     def __init__(self, extra_guidance_scales: Sequence[float] = (1.0,)):
         super().__init__(extra_guidance_scales)
 
     def embeddings(self, diffusion: Diffusion, cond: Tensor) -> Tensor:
         """The unconditional embedding used at every step when sampling."""
-        return diffusion.encode_text([""]).expand_as(cond)
+        return diffusion.null_text().expand_as(cond)
 
     def invert(
         self, diffusion: Diffusion, z0: Tensor, prompts: list[str], seeds: list[int], monitor: Monitor | None = None
@@ -66,3 +68,16 @@ class NegativePromptInversion(DDIMInversion):
 
     def embeddings(self, diffusion: Diffusion, cond: Tensor) -> Tensor:
         return cond
+
+
+class FlowInversion(DDIMInversion):
+    """Plain flow inversion (reverse Euler) for the rectified-flow families, SD3 and FLUX.
+
+    The flow counterpart of DDIM inversion: the Euler step of the model's sampler run backwards
+    from z_0 with the velocity at w = 1 (:mod:`nulltext.flow`; FLUX: guidance input 1), its z_T
+    sampled forwards at the sampler's w with psi(""), and by default also at w = 1, which retraces
+    the inversion up to the Euler steps' error.
+    """
+
+    name = "flow_inversion"
+    families = ("sd3", "flux")

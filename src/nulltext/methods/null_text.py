@@ -55,6 +55,7 @@ class NullTextInversion(InversionMethod):
     """
 
     name = "null_text"
+    families = ("sd", "sdxl")
     # Which embedding is optimised per step: the null text ("uncond") or the caption ("cond").
     variable: Literal["uncond", "cond"] = "uncond"
 
@@ -115,7 +116,7 @@ class NullTextInversion(InversionMethod):
             return diffusion.model_output
         if self._compiled is None or self._compiled[0] is not diffusion.unet:
             compiled = torch.compile(diffusion.unet, mode=self.compile, dynamic=False)
-            self._compiled = (diffusion.unet, lambda z, t, c: compiled(z, t, encoder_hidden_states=c, return_dict=False)[0])
+            self._compiled = (diffusion.unet, lambda z, t, c: diffusion.family.forward(compiled, z, t, c, diffusion.guidance_scale))
         return self._compiled[1]
 
     def optimise(self, diffusion: Diffusion, pivot: Tensor, null: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, list[int]]:
@@ -204,6 +205,7 @@ class RandomPivotNullText(NullTextInversion):
     """Ablation: the pivot is forward noising q(z_t | z_0) with ONE fixed noise draw per image."""
 
     name = "random_pivot"
+    families = ("sd",)
 
     def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, null: Tensor, seeds: list[int]) -> Tensor:
         noise = gaussian_like(z0, seeds)
@@ -215,6 +217,7 @@ class RandomCaptionNullText(NullTextInversion):
     """Ablation: null-text inversion with the caption of another image of the dataset (seeded)."""
 
     name = "random_caption"
+    families = ("sd",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -240,4 +243,5 @@ class TextualInversionPivot(NullTextInversion):
     """Ablation: the per-step loop of Algorithm 1 optimising the caption embedding C_t instead of null_t."""
 
     name = "textual_inversion_pivot"
+    families = ("sd",)
     variable = "cond"

@@ -186,6 +186,7 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
     """
 
     name = "proximal_negative_prompt"
+    families = ("sd",)
 
     def __init__(
         self,

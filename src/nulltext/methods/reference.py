@@ -70,6 +70,7 @@ class OfficialNullTextInversion(NullTextInversion):
     """
 
     name = "null_text_reference"
+    families = ("sd",)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,0 +1,298 @@
+"""Model families (SDXL, SD3, FLUX) against diffusers' own pipelines and scheduler, on the tiny models.
+
+These equalities are the evidence that real weights will work: the project's conditioning, denoiser
+call and sampler, from a given z_T, give what the stock pipeline gives with the same latents,
+prompts, steps and guidance.
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from omegaconf import OmegaConf
+from PIL import Image
+
+from helpers import composed
+from nulltext.api import MODEL_CONFIGS, invert, load_pipeline
+from nulltext.cli import prepare_inversion, run_inversion, run_reconstruction
+from nulltext.diffusion import Diffusion
+from nulltext.errors import ModelUnavailableError
+from nulltext.families import unpack
+from nulltext.models import ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
+from nulltext.reconstruction import latent_errors, reconstruct
+from nulltext.validation import SettingError
+
+PROMPTS = ["a photo of a cat", "a red car on a street"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """The tiny pipelines, built once per module (each in well under a second)."""
+    return {
+        "tiny_xl": load_pipeline("tiny_xl"),
+        "tiny_sd3": load_pipeline("tiny_sd3"),
+        "tiny_sd3_without_t5": load_pipeline("tiny_sd3", text_encoder_3=None),
+        "tiny_flux": load_pipeline("tiny_flux"),
+    }
+
+
+def stock_latents(pipe, z_T: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The stock pipeline's final latents from ``z_T`` [B, C, h, w] (output_type="latent")."""
+    b, c, h, w = z_T.shape
+    side = w * pipe.vae_scale_factor
+    common = dict(num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent", height=side, width=side)
+    if isinstance(pipe, FluxPipeline):
+        packed = FluxPipeline._pack_latents(z_T, b, c, h, w)
+        out = pipe(PROMPTS, latents=packed, max_sequence_length=pipe.tokenizer_2.model_max_length, **common).images
+        return FluxPipeline._unpack_latents(out, side, side, pipe.vae_scale_factor)
+    if hasattr(pipe, "tokenizer_3"):
+        length = pipe.tokenizer_3.model_max_length if pipe.tokenizer_3 is not None else 256
+        return pipe(PROMPTS, latents=z_T, max_sequence_length=length, **common).images
+    # SDXL with DDIM (eta 0), the sampler nulltext runs on the UNet families.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe(PROMPTS, latents=z_T, eta=0.0, **common).images
+
+
+@pytest.mark.parametrize(
+    "name, guidance",
+    [("tiny_xl", 7.5), ("tiny_sd3", 7.0), ("tiny_sd3_without_t5", 7.0), ("tiny_flux", 3.5)],
+)
+def test_sampling_from_z_T_equals_the_stock_pipeline(pipes, name, guidance):
+    pipe = pipes[name]
+    diffusion = Diffusion(pipe, STEPS, guidance)
+    z_T = torch.randn(2, pipe.vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond, uncond = diffusion.encode_prompts(PROMPTS)
+    ours = diffusion.sample(z_T, uncond.unsqueeze(1), cond.unsqueeze(1))[:, -1]
+    expected = stock_latents(pipe, z_T, guidance)
+    assert (expected - z_T).abs().mean() > 0.1  # the sampler moved the latents
+    torch.testing.assert_close(ours, expected)  # float32 tolerances
+
+
+def test_sdxl_conditioning_is_two_encoders_pooled_and_a_zero_null(pipes):
+    pipe = pipes["tiny_xl"]
+    diffusion = Diffusion(pipe, STEPS)
+    context = diffusion.encode_text(PROMPTS)
+    # 77 tokens of CLIP-L (32) and CLIP-G (48) side by side, then the pooled CLIP-G projection (48) padded to 80.
+    assert context.shape == (2, 78, 80)
+    sequence, pooled = unpack(context, 48)
+    assert torch.equal(context[:, -1, 48:], torch.zeros(2, 32))
+    prompt_embeds, _, pooled_embeds, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+    torch.testing.assert_close(sequence, prompt_embeds, atol=0, rtol=0)
+    torch.testing.assert_close(pooled, pooled_embeds, atol=0, rtol=0)
+    assert torch.equal(diffusion.null_text(), torch.zeros(1, 78, 80))  # force_zeros_for_empty_prompt
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_flux"])
+def test_flow_steps_are_the_schedulers_and_invert_each_other(pipes, name):
+    pipe = pipes[name]
+    diffusion = Diffusion(pipe, STEPS, 1.0, "source")
+    schedule = diffusion.schedule
+    # The scheduler set up as each pipeline sets it up (StableDiffusion3Pipeline: its shift; FluxPipeline:
+    # sigmas linspace(1, 1/S, S) shifted by mu for 64 px = 8x8 tokens of 2x2 latents).
+    reference = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    if name == "tiny_flux":
+        reference.set_timesteps(STEPS, sigmas=np.linspace(1.0, 1 / STEPS, STEPS), mu=calculate_shift(64, 256, 4096, 0.5, 1.15))
+    else:
+        reference.set_timesteps(STEPS)
+    assert schedule.timesteps == tuple(reference.timesteps.tolist())
+    context = diffusion.encode_text(PROMPTS[:1])
+    g = torch.Generator().manual_seed(1)
+    for i, t in enumerate(schedule.timesteps):
+        z_t = torch.randn(1, 16, 16, 16, generator=g)
+        with torch.no_grad():
+            velocity = diffusion.model_output(z_t, t, context)
+        z_next = schedule.denoise_step(velocity, t, z_t)
+        torch.testing.assert_close(z_next, reference.step(velocity, reference.timesteps[i], z_t).prev_sample, atol=0, rtol=0)
+        # One reverse-Euler step, re-implemented here: back up from sigma_{i+1} to sigma_i along the same velocity.
+        up = schedule.invert_step(velocity, t, z_next)
+        sigma, sigma_next = reference.sigmas[i].item(), reference.sigmas[i + 1].item()
+        torch.testing.assert_close(up, z_next + (sigma - sigma_next) * velocity)
+        torch.testing.assert_close(up, z_t, atol=2e-6, rtol=0)  # float precision
+        assert (z_next - z_t).abs().max() > 1e-2
+
+
+def test_flow_inversion_evaluates_the_velocity_where_the_step_starts(pipes):
+    """inversion_timestep=source: the first inversion step reads the velocity at t = 0 (sigma 0), on z_0."""
+    diffusion = Diffusion(pipes["tiny_sd3"], STEPS, 1.0, "source")
+    assert [diffusion.schedule.source_timestep(t) for t in diffusion.timesteps] == [*diffusion.timesteps[1:], 0.0]
+    z0 = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    cond = diffusion.encode_text(PROMPTS[:1])
+    pivot = diffusion.ddim_inversion(z0, cond)
+    with torch.no_grad():
+        velocity = diffusion.model_output(z0, 0.0, cond)
+    torch.testing.assert_close(pivot[:, 1], z0 + diffusion.schedule.sigmas[-2] * velocity)
+    # The pivot ends near the noise level sigma_0 = 1: z_T is no longer z_0.
+    assert (pivot[:, -1] - z0).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("name", ["tiny_xl", "tiny_sd3", "tiny_flux"])
+def test_a_saved_pipeline_loads_offline_as_its_family(pipes, name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = pipes[name]
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = load_folder(str(tmp_path / "pipe"), local_files_only=True)
+    assert type(loaded) is type(pipe)
+    assert all(not p.requires_grad for m in loaded.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    config = {"_target_": "nulltext.models.load_pipeline", "path": str(tmp_path / "pipe")}
+    assert model_shape(config) == pipeline_shape(loaded) == pipeline_shape(pipe)
+    ours, theirs = Diffusion(loaded, STEPS), Diffusion(pipe, STEPS)
+    torch.testing.assert_close(ours.encode_text(PROMPTS), theirs.encode_text(PROMPTS), atol=0, rtol=0)
+    z, t = torch.randn(1, pipe.vae.config.latent_channels, 16, 16), ours.timesteps[1]
+    context = ours.encode_text(PROMPTS[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model_output(z, t, context), theirs.model_output(z, t, context), atol=0, rtol=0)
+    if name == "tiny_sd3":  # model.t5=false: SD3 without its T5 encoder
+        assert load_folder(str(tmp_path / "pipe"), local_files_only=True, t5=False).text_encoder_3 is None
+    else:
+        with pytest.raises(SettingError, match="only SD3 can run without its T5 encoder"):
+            load_folder(str(tmp_path / "pipe"), local_files_only=True, t5=False)
+
+
+def test_flux_refuses_latents_of_another_size_than_its_schedule(pipes):
+    """FLUX shifts its schedule with the image's token count: 32 px latents on a 64 px schedule stop with one line."""
+    diffusion = Diffusion(pipes["tiny_flux"], STEPS)
+    context = diffusion.encode_text(PROMPTS[:1])
+    with pytest.raises(SettingError, match="set up for 64 px images, these are 32 px"):
+        diffusion.sample(torch.zeros(1, 16, 8, 8), context.unsqueeze(1), context.unsqueeze(1))
+    assert Diffusion(pipes["tiny_flux"], STEPS, resolution=32).schedule.timesteps != diffusion.schedule.timesteps
+
+
+def test_model_shapes_from_configs():
+    """Read from the configs alone: the full-shape random models are never built here."""
+    names = ("tiny_xl", "tiny_sd3", "tiny_flux", "sdxl_random", "sd3_random", "flux_random")
+    shapes = {name: model_shape(OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")) for name in names}
+    # Image sides: multiples of the VAE factor (4 tiny, 8 real); SD3 patches 2x2 and FLUX packs 2x2: twice that.
+    assert shapes == {
+        "tiny_xl": ModelShape(4, 64, 999, "sdxl"),
+        "tiny_sd3": ModelShape(8, 64, 1000, "sd3"),
+        "tiny_flux": ModelShape(8, 64, 1000, "flux"),
+        "sdxl_random": ModelShape(8, 1024, 999, "sdxl"),
+        "sd3_random": ModelShape(16, 1024, 1000, "sd3"),
+        "flux_random": ModelShape(16, 1024, 1000, "flux"),
+    }
+
+
+@pytest.mark.parametrize(
+    "model, steps, guidance, timestep",
+    [("tiny_xl", 50, 7.5, "target"), ("sdxl", 50, 7.5, "target"), ("sd3", 28, 7.0, "source"), ("tiny_sd3", 28, 7.0, "source"),
+     ("flux_dev", 28, 3.5, "source"), ("tiny_flux", 28, 3.5, "source"), ("flux_schnell", 4, 0.0, "source")],
+)
+def test_model_configs_pick_their_family_sampler(model, steps, guidance, timestep, tmp_path):
+    with composed("config", [f"model={model}"], tmp_path) as cfg:
+        assert (cfg.diffusion.num_inference_steps, cfg.diffusion.guidance_scale, cfg.diffusion.inversion_timestep) == (steps, guidance, timestep)
+    with composed("config", [f"model={model}", "diffusion=ddim50", "diffusion.num_inference_steps=3"], tmp_path) as cfg:
+        assert cfg.diffusion.num_inference_steps == 3 and cfg.diffusion.guidance_scale == 7.5  # the command line wins
+
+
+@pytest.mark.parametrize(
+    "model, hub_id",
+    [
+        ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("sd3", "stabilityai/stable-diffusion-3-medium-diffusers"),
+        ("flux_dev", "black-forest-labs/FLUX.1-dev"),
+        ("flux_schnell", "black-forest-labs/FLUX.1-schnell"),
+    ],
+)
+def test_hub_models_not_in_the_cache_fail_in_one_line(model, hub_id, tmp_path):
+    with composed("config", [f"model={model}", "inversion=vae"], tmp_path) as cfg:
+        with pytest.raises(ModelUnavailableError, match=f"cannot load model '{hub_id}'.*hf download {hub_id}") as error:
+            prepare_inversion(cfg)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "model, method, message",
+    [
+        ("tiny_flux", "null_text", "does not run on flux models (it runs on: sd, sdxl); the methods for flux models are: vae, flow_inversion"),
+        ("tiny_sd3", "ddim", "the methods for sd3 models are: vae, flow_inversion"),
+        ("tiny_xl", "edict", "the methods for sdxl models are: vae, ddim, null_text, negative_prompt"),
+        ("tiny", "flow_inversion", "does not run on sd models (it runs on: sd3, flux)"),
+    ],
+)
+def test_methods_refuse_families_they_do_not_run_on(model, method, message, tmp_path):
+    with composed("config", [f"model={model}", f"inversion={method}"], tmp_path) as cfg:
+        with pytest.raises(SettingError, match=f"inversion={method} ") as error:
+            prepare_inversion(cfg)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# -- the methods of each family through the command line and the API ---------------------------------
+
+FAMILY_RUNS = [
+    ("tiny_xl", "ddim", []),
+    ("tiny_xl", "negative_prompt", []),
+    ("tiny_xl", "null_text", ["inversion.num_inner_steps=2"]),
+    ("tiny_sd3", "flow_inversion", []),
+    ("tiny_flux", "flow_inversion", []),
+]
+
+
+@pytest.mark.parametrize("model, method, settings", FAMILY_RUNS)
+def test_family_methods_write_complete_metrics_and_reusable_artifacts(model, method, settings, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [f"model={model}", f"inversion={method}", "diffusion.num_inference_steps=4", "data.limit=1", "logger=csv", *settings]
+    with composed("config", overrides, run_dir) as cfg:
+        metrics = run_inversion(cfg)
+    assert (metrics["method"], metrics["model"], metrics["num_images"], metrics["num_failed"]) == (method, model, 1, 0)
+    for key in ("psnr_mean", "lpips_mean", "ssim_mean", "vae_psnr_mean", "seconds_mean", "peak_memory_mib_mean"):
+        assert np.isfinite(metrics[key]), key
+    image = metrics["images"][0]
+    # Evaluations of the denoiser (UNet or transformer): a 4-step pivot at w = 1, then guided sampling
+    # on [uncond; cond] (FLUX: one row per step, its guidance is an input of the model).
+    rows_per_step = 1 if model == "tiny_flux" else 2
+    assert image["reconstruction_unet_evaluations"] == 4 * rows_per_step
+    assert image["inversion_unet_evaluations"] == (4 + 4 * (1 + 2 + 1) if method == "null_text" else 4)
+    assert len(image["latent_error"]["mse"]) == 5 and image["latent_error"]["mse"][0] == 0.0
+    in_run = np.asarray(Image.open(run_dir / "images" / f"{image['id']}.png"))
+    width = in_run.shape[1] // 3
+    with composed("reconstruct", [f"artifact={run_dir / 'inversions' / (image['id'] + '.safetensors')}"], tmp_path / "rec") as cfg:
+        rebuilt = np.asarray(Image.open(run_reconstruction(cfg)))
+    np.testing.assert_array_equal(rebuilt, in_run[:, 2 * width :])
+    assert np.abs(rebuilt.astype(int) - in_run[:, :width].astype(int)).mean() > 1
+
+
+def test_sdxl_null_text_optimises_the_null_and_the_pooled_null_of_every_step(pipes, sample_images):
+    pipe = pipes["tiny_xl"]
+    photo = Image.fromarray(sample_images[0].permute(1, 2, 0).numpy())
+    errors = {}
+    for method, options in (("ddim", {}), ("null_text", {"num_inner_steps": 5})):
+        result = invert(pipe, photo, "a photo", method=method, num_inference_steps=4, **options)
+        trajectory = reconstruct(Diffusion(pipe, 4), result.inversion).trajectory
+        errors[method] = latent_errors(trajectory, result.inversion.pivot)[0]
+    nulls = result.null_embeddings  # [4 steps, 77 tokens + the pooled row, 80]
+    assert nulls.shape == (4, 78, 80) and result.metrics["iterations"] == 20
+    sequence, pooled = unpack(nulls, 48)
+    # Both start at SDXL's zero null; both moved, step by step (warm-started, so each step's differs).
+    assert (sequence.abs().amax(dim=(1, 2)) > 1e-3).all() and (pooled.abs().amax(dim=1) > 1e-3).all()
+    assert not torch.allclose(pooled[0], pooled[-1])
+    assert torch.equal(nulls[:, -1, 48:], torch.zeros(4, 32))  # the padding gets no gradient
+    # The optimisation closes part of the guided sampling's gap to the pivot at every step.
+    assert (errors["null_text"][1:] < errors["ddim"][1:]).all()
+
+
+def test_editing_refuses_other_families_in_one_line(tmp_path):
+    """Prompt-to-Prompt is ported to SD 1/2 only: an SDXL artifact, or an SDXL model to invert first, stops with one line."""
+    from nulltext.editing.cli import check_edit, run_attention, run_edit
+
+    run_dir = tmp_path / "run"
+    with composed("config", ["model=tiny_xl", "inversion=ddim", "diffusion.num_inference_steps=2", "data.limit=1", "logger=csv"], run_dir) as cfg:
+        image_id = run_inversion(cfg)["images"][0]["id"]
+    artifact = f"artifact={run_dir / 'inversions' / (image_id + '.safetensors')}"
+    for app, run, overrides in (("edit", run_edit, [artifact, "prompts=[a dog]"]), ("attention", run_attention, [artifact])):
+        with composed(app, overrides, tmp_path / app) as cfg:
+            with pytest.raises(SettingError, match="editing and attention maps run on SD 1.x/2.x models only, this is a sdxl model"):
+                run(cfg)
+    with composed("edit", ["model=tiny_flux", "image=x.png", "caption=a cat", "prompts=[a dog]"], tmp_path / "image") as cfg:
+        with pytest.raises(SettingError, match="this is a flux model"):
+            check_edit(cfg)
+
+
+def test_the_api_checks_the_family_and_inverts_with_flow(pipes, sample_images):
+    photo = Image.fromarray(sample_images[0].permute(1, 2, 0).numpy())
+    with pytest.raises(SettingError, match="inversion=null_text does not run on flux models"):
+        invert(pipes["tiny_flux"], photo, "a photo", method="null_text")
+    result = invert(pipes["tiny_flux"], photo, "a photo", method="flow_inversion", num_inference_steps=3, guidance_scale=3.5)
+    assert result.z_T.shape == (16, 16, 16) and result.reconstruction.size == (64, 64)
+    assert result.inversion.pivot.shape == (1, 4, 16, 16, 16)
