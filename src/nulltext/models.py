@@ -7,6 +7,7 @@ for nothing (ALGORITHM.md section 4).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -140,6 +141,8 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
     """
     local = _local_folder(path)
     kwargs = {"safety_checker": None, "requires_safety_checker": False, "dtype": torch.float32}
+    if local_files_only is None and local is None and not hub_reachable():
+        local_files_only = True
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     # Loading bars would bury the results table (they are per component, and jobs load often).
@@ -150,6 +153,34 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
     except (OSError, EnvironmentError, ValueError) as error:
         raise _unavailable(path, error) from None
     return freeze(pipe)
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all: asked once per process, one request of 5 s at most.
+
+    Offline, huggingface_hub would retry every file with back-off for half a minute before failing;
+    after a no, hub models load from the local cache only (or fail in one line at once).
+    ``HF_HUB_OFFLINE=1`` answers no without asking.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:  # any kind of transport failure (refused, no DNS, timeout, proxy, TLS) means no answer
+        return False
+    return True
+
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def model_configs() -> list[str]:
+    """The names of the model configs (``model=<name>`` on the command line, ``load_pipeline("<name>")``)."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
 
 def _local_folder(path: str) -> Path | None:
@@ -165,7 +196,7 @@ def _local_folder(path: str) -> Path | None:
     if path.count("/") != 1 and not local.exists():
         raise UnknownNameError(
             f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
-            "or one of the model configs (model=tiny, sd14, sd15, sd21_base)"
+            f"or one of the model configs (model={', '.join(model_configs())})"
         )
     return local if local.exists() else None
 
@@ -174,7 +205,7 @@ def _unavailable(path: str, error: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(
         f"cannot load model {path!r} ({type(error).__name__}): its weights are not in the local Hugging Face "
         "cache and the hub cannot be reached; download it once with network access "
-        f"(`hf download {path}`) or pass model.path=<local pipeline folder>"
+        f"(`hf download {path}`) or give a local pipeline folder instead (model.path=<folder>, or load_pipeline(<folder>))"
     )
 
 
@@ -239,7 +270,7 @@ def _folder_shape(path: str, revision: str | None) -> ModelShape:
             from huggingface_hub import hf_hub_download
 
             try:
-                file = hf_hub_download(path, name, revision=revision)
+                file = hf_hub_download(path, name, revision=revision, local_files_only=not hub_reachable())
             except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
                 raise _unavailable(path, error) from None
         else:
