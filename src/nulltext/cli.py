@@ -30,7 +30,7 @@ from nulltext.apps import CONFIG_DIR, report_errors
 from nulltext.editing.benchmark import check_edit_bench
 from nulltext.editing.cli import attention_app, check_attention, check_edit, edit_app, edit_bench_app
 from nulltext.errors import ModelUnavailableError, NulltextError
-from nulltext.folders import FolderLock, FolderInUseError, in_own_folder, resumable, stopped
+from nulltext.folders import FolderLock, in_own_folder, resumable, stopped
 from nulltext.validation import SettingError, check_choice, check_given, check_int, check_multiple, check_seed, check_text
 
 log = logging.getLogger("nulltext")
@@ -218,10 +218,10 @@ class SummaryTable(Callback):
     the jobs' metrics.json files (not those an earlier sweep into the same folder left)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.lock = FolderLock(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self.lock = FolderLock(config.hydra.sweep.dir, "hydra.sweep.dir", config.hydra.job.config_name)
         try:
             self.lock.acquire()
-        except FolderInUseError as error:
+        except NulltextError as error:
             print(f"nulltext: error: {error}", file=sys.stderr)
             sys.exit(2)
         self.earlier = {p: _written(p) for p in Path(config.hydra.sweep.dir).glob("*/metrics.json")}

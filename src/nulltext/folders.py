@@ -45,17 +45,24 @@ def _describe(holder: str) -> str:
 
 class FolderLock:
     """The lock of ``folder`` (created if missing); ``override`` is the setting that picks another
-    folder, named in the message when it is busy. Use as a context manager."""
+    folder, named in the message when it is busy; ``app`` the holder's app (its config name), for its
+    command line. Use as a context manager."""
 
-    def __init__(self, folder: str | os.PathLike, override: str) -> None:
+    def __init__(self, folder: str | os.PathLike, override: str, app: str = "config") -> None:
         self.folder = Path(folder)
         self.override = override
+        self.app = app
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:  # read-only, or a file where the folder goes
+            raise NulltextError(
+                f"cannot write into folder {self.folder} ({type(error).__name__}: {error.strerror}): give another {self.override}=<folder>"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -64,6 +71,10 @@ class FolderLock:
                 f"folder {self.folder} is in use by another run ({_describe(path.read_text(errors='replace'))}): "
                 f"wait for it to end, or give another {self.override}=<folder>"
             ) from None
+        except OSError as error:  # a file system without locks (ENOLCK, EOPNOTSUPP)
+            os.close(fd)
+            log.warning("cannot lock %s (%s): nothing keeps another run from writing into it at the same time", self.folder, error.strerror)
+            return
         previous = os.read(fd, 1 << 16).decode(errors="replace")
         if previous:
             log.warning("taking over the lock of %s (%s), which ended without releasing it", self.folder, _describe(previous))
@@ -71,7 +82,8 @@ class FolderLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": shlex.join(["nulltext", *sys.argv[1:]]),
+            # The app's name is not in sys.argv any more (nulltext.cli.main takes it out for Hydra).
+            "command": shlex.join(["nulltext", *([] if self.app == "config" else [self.app]), *sys.argv[1:]]),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
@@ -123,11 +135,12 @@ def in_own_folder(task):
     """
 
     def wrapped(cfg):
+        from hydra.core.hydra_config import HydraConfig
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
         if rank_zero_only.rank != 0:
             return task(cfg)
-        with FolderLock(cfg.paths.output_dir, folder_override()):
+        with FolderLock(cfg.paths.output_dir, folder_override(), HydraConfig.get().job.config_name):
             return task(cfg)
 
     return wrapped
