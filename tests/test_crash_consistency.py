@@ -5,7 +5,7 @@ The kill points are found by watching the run from outside (its progress bar on 
 output folder), with no hooks in the product code:
 
 1. between images: as soon as the bar reports the first image done;
-2. inside an image: on the rerun, a fraction of an image's time after the first (reused) image;
+2. inside an image: on the rerun, as soon as its log says it began the second image (after reusing the first);
 3. while writing an image's outputs: the first temporary file or PNG of the second image;
 4. while writing the summary: the first sight of metrics.json or its temporary file.
 """
@@ -40,23 +40,24 @@ BAR = re.compile(rb"\| (\d+)/(\d+) \[")
 
 
 class Run:
-    """``nulltext`` in a subprocess; a thread follows the images-done count on its progress bar."""
+    """``nulltext`` in a subprocess; threads follow the images-done count on its progress bar (stderr)
+    and its log (stdout)."""
 
     def __init__(self, run_dir: Path, cwd: Path):
         command, env = nulltext_command(*COMMAND, f"hydra.run.dir={run_dir}")
-        self.stdout = cwd / f"stdout-{time.monotonic_ns()}.txt"
-        with self.stdout.open("wb") as out:
-            self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.images_done = -1  # -1: the bar has not appeared yet
         self.stderr = b""
+        self.stdout = b""
         self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True) for stream in ("stderr", "stdout")]
+        for reader in self._readers:
+            reader.start()
 
-    def _read(self) -> None:
-        while chunk := self.process.stderr.read1(65536):
+    def _read(self, stream: str) -> None:
+        while chunk := getattr(self.process, stream).read1(65536):
             with self._changed:
-                self.stderr += chunk
+                setattr(self, stream, getattr(self, stream) + chunk)
                 counts = BAR.findall(self.stderr[-4096:])
                 if counts:
                     self.images_done = int(counts[-1][0])
@@ -64,20 +65,28 @@ class Run:
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for_images(self, n: int, timeout: float = 600) -> None:
+    def _wait(self, reached, timeout: float) -> None:
         with self._changed:
-            finished = self._changed.wait_for(lambda: self.images_done >= n or self.process.poll() is not None, timeout)
-        assert finished and self.images_done >= n, self.stderr[-3000:].decode(errors="replace")
+            self._changed.wait_for(lambda: reached() or self.process.poll() is not None, timeout)
+            assert reached(), (self.stdout + self.stderr)[-3000:].decode(errors="replace")
+
+    def wait_for_images(self, n: int, timeout: float = 600) -> None:
+        self._wait(lambda: self.images_done >= n, timeout)
+
+    def wait_for_log(self, text: str, timeout: float = 600) -> None:
+        self._wait(lambda: text.encode() in self.stdout, timeout)
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
-        self._reader.join()
+        for reader in self._readers:
+            reader.join()
 
     def finish(self) -> str:
         assert self.process.wait(timeout=600) == 0, self.stderr[-3000:].decode(errors="replace")
-        self._reader.join()
-        return self.stdout.read_text()
+        for reader in self._readers:
+            reader.join()
+        return self.stdout.decode()
 
 
 def kill_when(run: Run, appeared, timeout: float = 600) -> None:
@@ -161,8 +170,7 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path):
 
     # 2. Inside an image: the rerun reuses the first image at once, then works on the second.
     run = Run(run_dir, tmp_path)
-    run.wait_for_images(1)
-    time.sleep(0.25 * ref_metrics["images"][1]["seconds"])
+    run.wait_for_log(f"inverting {IDS[1]}")
     run.kill()
     assert assert_nothing_half_written(run_dir, reference) == sorted(IDS[:1])
 
@@ -185,6 +193,7 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path):
     stdout = Run(run_dir, tmp_path).finish()
     assert assert_nothing_half_written(run_dir, reference) == sorted(IDS)
     assert stdout.count("reusing the stored result") == len(IDS)
+    assert f"taking over the lock of {run_dir}" in stdout, "the killed run's lock did not stop the rerun"
     assert without_run_specifics(json.loads(metrics.read_text()), run_dir) == without_run_specifics(ref_metrics, reference)
     # The same files (csv/ aside: Lightning's log of what each process itself computed).
     outputs = lambda d: [p for p in visible_files(d) if p.parts[0] != "csv"]  # noqa: E731
@@ -208,7 +217,8 @@ def test_sigterm_during_a_jobs_last_image_ends_the_sweep_after_that_image(tmp_pa
         seen += chunk
     process.send_signal(signal.SIGTERM)
     seen += process.stderr.read()
-    assert process.wait(timeout=600) == 1, seen[-3000:].decode(errors="replace")
-    assert b"stopped by SIGTERM; run the same command again to resume" in seen
+    assert process.wait(timeout=600) == 143, seen[-3000:].decode(errors="replace")
+    resume = f"nulltext: stopped by SIGTERM; to resume, run the same command with hydra.sweep.dir={sweep.resolve()} (finished images are kept)"
+    assert seen.decode().strip().splitlines()[-1] == resume
     assert json.loads((sweep / "0_null_text" / "metrics.json").read_text())["num_images"] == 1
     assert [p.name for p in sweep.iterdir() if p.is_dir()] == ["0_null_text"]

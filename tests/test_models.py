@@ -36,7 +36,7 @@ def test_a_saved_pipeline_loads_offline_frozen_and_identical(tiny_pipe, tmp_path
 
 def test_missing_weights_and_unknown_names_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelUnavailableError, match="pass model.path=") as error:
+    with pytest.raises(ModelUnavailableError, match=r"give a local pipeline folder instead \(model.path=") as error:
         load_pipeline("CompVis/stable-diffusion-v1-4")
     assert "\n" not in str(error.value)
     with pytest.raises(UnknownNameError, match="unknown model 'sd99'"):

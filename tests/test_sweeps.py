@@ -7,6 +7,7 @@ import pytest
 
 from helpers import FAST, composed, run_nulltext
 from nulltext.cli import run_inversion
+from nulltext.errors import NulltextError
 
 # Measurements of the machine, not results: they differ between two runs of the same config.
 TIMING = {"seconds", "peak_memory_mib"}
@@ -40,7 +41,7 @@ def test_ddp_with_two_cpu_processes_matches_one_process(tmp_path):
     assert sharded["psnr_mean"] == pytest.approx(single["psnr_mean"], rel=1e-4)
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one_and_a_changed_config_recomputes(tmp_path):
+def test_a_resumed_run_equals_an_uninterrupted_one_and_a_changed_config_is_refused(tmp_path):
     overrides = [*FAST, "inversion=null_text", "inversion.num_inner_steps=2", "data.limit=3"]
     with composed("config", overrides, tmp_path / "run") as cfg:
         full = run_inversion(cfg)
@@ -59,12 +60,13 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_a_changed_config_recomput
     logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("test/") and v}
     for key in ("psnr", "lpips", "ssim", "vae_psnr", "seconds"):
         assert logged[f"test/{key}"] == pytest.approx(resumed[f"{key}_mean"], rel=1e-5), key
-    # Any change of configuration invalidates every stored result.
+    # Another configuration into the same folder is refused, naming what differs: its results would
+    # overwrite some of the finished images and metrics.json, and keep the others beside its own.
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.parent.name != "csv"}
     with composed("config", [*overrides[:-2], "inversion.num_inner_steps=1", "data.limit=3"], tmp_path / "run") as cfg:
-        changed = run_inversion(cfg)
-    assert all(r["iterations"] == 4 for r in changed["images"])
-    stored = json.loads((tmp_path / "run" / "inversions" / "astronaut.json").read_text())
-    assert stored["method"]["num_inner_steps"] == 1
+        with pytest.raises(NulltextError, match=r"holds finished images made with other settings \(inversion.num_inner_steps: 2 there, 1 here; see"):
+            run_inversion(cfg)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.parent.name != "csv"} == finished
 
 
 @pytest.mark.slow

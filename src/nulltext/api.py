@@ -1,7 +1,14 @@
-"""The notebook API: ``load_pipeline`` and ``invert`` one image, no Hydra or Lightning involved."""
+"""The notebook API: ``load_pipeline`` and ``invert`` one image, no Hydra or Lightning involved.
+
+Arguments are checked as the command line checks its settings (the same checks), and errors name
+the API's arguments (``num_inner_steps``), not the command line's settings (``inversion.num_inner_steps``).
+"""
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +24,39 @@ from nulltext import models
 from nulltext.artifacts import load_artifact
 from nulltext.data import load_image, preprocess_image
 from nulltext.diffusion import Diffusion
+from nulltext.errors import UnknownNameError, user_error
 from nulltext.methods import Inversion, check_family, image_seed, make_method
 from nulltext.metrics import load_lpips, score_uint8
-from nulltext.models import pipeline_resolution
+from nulltext.models import MODEL_CONFIG_DIR, model_configs, pipeline_resolution
 from nulltext.reconstruction import reconstruct, to_uint8
-
-MODEL_CONFIGS = Path(__file__).resolve().parents[2] / "conf" / "model"
+from nulltext.validation import SettingError, check_seed, check_text
 
 
 def load_pipeline(name_or_path: str = "pocket", **overrides) -> DiffusionPipeline:
     """A frozen float32 pipeline: a model config name (``tiny``, ``sd14``, ``tiny_xl``, ...), a hub id or a local folder."""
-    config_file = MODEL_CONFIGS / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and config_file.exists():
-        config = OmegaConf.load(config_file)
+    check_text("name_or_path", name_or_path)
+    if "/" not in name_or_path and name_or_path in model_configs():
+        config = OmegaConf.load(MODEL_CONFIG_DIR / f"{name_or_path}.yaml")
         config.pop("defaults", None)  # the sampler config a model picks (Hydra's defaults list), not a setting
-        return instantiate(OmegaConf.merge(config, overrides))
+        try:
+            return instantiate(OmegaConf.merge(config, overrides))
+        except Exception as error:
+            found = user_error(error)  # the one-line error, not Hydra's wrapping of it
+            if found is None:
+                raise
+            raise found from None
+    if name_or_path.count("/") != 1 and not Path(name_or_path).expanduser().exists():  # not a hub id either
+        close = difflib.get_close_matches(name_or_path, model_configs(), n=1)
+        raise UnknownNameError(
+            f"unknown model {name_or_path!r}{f' (did you mean {close[0]!r}?)' if close else ''}: give one of the model configs "
+            f"({', '.join(model_configs())}), a hub id like CompVis/stable-diffusion-v1-4 or a local pipeline folder"
+        )
     return models.load_pipeline(name_or_path, **overrides)
+
+
+def _in_api_terms(error: SettingError) -> SettingError:
+    """The command line's name of a setting (diffusion.guidance_scale, inversion.num_inner_steps) as invert()'s argument."""
+    return SettingError(re.sub(r"^(diffusion|inversion)\.", "", str(error)))
 
 
 @dataclass
@@ -62,13 +86,23 @@ def invert(
     **overrides,
 ) -> InversionResult:
     """Invert one image with one method (``overrides`` set the method's options, e.g. num_inner_steps=20)."""
+    check_text("prompt", prompt)
+    check_seed("seed", seed)
+    if not isinstance(image, (str, os.PathLike, Image.Image)):
+        raise SettingError(f"image={image!r} is not allowed: the path of an image file or a PIL image")
     resolution = pipeline_resolution(pipe)
-    diffusion = Diffusion(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, resolution=resolution)
-    inverter = make_method(method, **overrides)
+    try:
+        diffusion = Diffusion(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, resolution=resolution)
+        inverter = make_method(method, **overrides)
+    except SettingError as error:
+        raise _in_api_terms(error) from None
     check_family(inverter, diffusion.family.name)
     inverter.prepare(caption_pool or [])
-    load = preprocess_image if isinstance(image, Image.Image) else load_image
-    pixels = load(image, resolution).unsqueeze(0).to(diffusion.device)
+    if isinstance(image, Image.Image):
+        pixels = preprocess_image(image, resolution)
+    else:
+        pixels = load_image(image, resolution, missing_hint="give the path of an image file")
+    pixels = pixels.unsqueeze(0).to(diffusion.device)
     z0 = diffusion.encode_images(pixels)
     start = time.perf_counter()
     with torch.enable_grad():

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from nulltext.apps import CONFIG_DIR, report_errors
 from nulltext.editing.benchmark import check_edit_bench
 from nulltext.editing.cli import attention_app, check_attention, check_edit, edit_app, edit_bench_app
-from nulltext.errors import NulltextError
+from nulltext.errors import ModelUnavailableError, NulltextError
+from nulltext.folders import FolderLock, in_own_folder, resumable, stopped
 from nulltext.validation import SettingError, check_choice, check_given, check_int, check_multiple, check_seed, check_text
 
 log = logging.getLogger("nulltext")
@@ -120,7 +121,13 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     check_choice("lpips_net", cfg.lpips_net, LPIPS_NETS)
     check_text("task_name", cfg.task_name)
     pipe = None
-    shape = model_shape(cfg.model)
+    try:
+        shape = model_shape(cfg.model)
+    except ModelUnavailableError:
+        # Data paths are checked before any model: build the data first (any valid resolution
+        # will do, its images are not read here).
+        instantiate(cfg.data, resolution=cfg.data.get("resolution") or 1)
+        raise
     if shape is None:
         pipe = instantiate(cfg.model)
         shape = pipeline_shape(pipe)
@@ -147,13 +154,10 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
 
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
-    from nulltext.runner import InversionModule
+    from nulltext.runner import InversionModule, check_same_settings
 
     run = prepare_inversion(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.paths.output_dir)
-    pipe = run.pipe if run.pipe is not None else instantiate(cfg.model)
-    diffusion = instantiate(cfg.diffusion, pipe=pipe, resolution=run.resolution)
     method, datamodule, resolution, loggers, trainer = run.method, run.datamodule, run.resolution, run.loggers, run.trainer
     record = {
         "model": choice("model") or str(cfg.model.get("path", cfg.model._target_)),
@@ -163,18 +167,23 @@ def run_inversion(cfg: DictConfig) -> dict:
         "diffusion_config": OmegaConf.to_container(cfg.diffusion, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    module = InversionModule(diffusion, method, output_dir, seed=cfg.seed, lpips_net=cfg.lpips_net, record=record)
-    try:
-        trainer.test(module, datamodule=datamodule, verbose=False)
-    finally:
-        # A live wandb run would swallow the next multirun job's logs: end it here, always.
-        for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment.finish()
+    check_same_settings(output_dir, record["config"])
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    with resumable(output_dir):
+        pipe = run.pipe if run.pipe is not None else instantiate(cfg.model)
+        diffusion = instantiate(cfg.diffusion, pipe=pipe, resolution=resolution)
+        module = InversionModule(diffusion, method, output_dir, seed=cfg.seed, lpips_net=cfg.lpips_net, record=record)
+        try:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+        finally:
+            # A live wandb run would swallow the next multirun job's logs: end it here, always.
+            for logger in loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    logger.experiment.finish()
     if trainer.received_sigterm:
         # Lightning stops after the image in flight, but finishes the run when the signal came during
         # its last image, and a multirun's next job would start a fresh trainer: end the process here.
-        raise SystemExit("nulltext: stopped by SIGTERM; run the same command again to resume (finished images are kept)")
+        raise stopped("SIGTERM", output_dir, 143)
     # Read back what rank 0 wrote: with spawned DDP processes this process's module saw no results.
     metrics = json.loads((output_dir / "metrics.json").read_text())
     print(format_table([metrics]))
@@ -200,11 +209,28 @@ def run_reconstruction(cfg: DictConfig) -> Path:
     return path
 
 
+def _written(path: Path) -> tuple[int, int]:
+    """What changes when a file is written again (atomic writes rename a new file into place)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
 class SummaryTable(Callback):
-    """After a multirun, print one table row per job from the jobs' metrics.json files."""
+    """A multirun holds its sweep folder's lock; after it, one table row per job of this sweep from
+    the jobs' metrics.json files (not those an earlier sweep into the same folder left)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.lock = FolderLock(config.hydra.sweep.dir, "hydra.sweep.dir", config.hydra.job.config_name)
+        try:
+            self.lock.acquire()
+        except NulltextError as error:
+            print(f"nulltext: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        self.earlier = {p: _written(p) for p in Path(config.hydra.sweep.dir).glob("*/metrics.json")}
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        paths = Path(config.hydra.sweep.dir).glob("*/metrics.json")
+        self.lock.release()
+        paths = [p for p in Path(config.hydra.sweep.dir).glob("*/metrics.json") if self.earlier.get(p) != _written(p)]
         # Job folders are "<n>_<method>": order by the job number, not as strings ("10" < "2").
         by_job = sorted(paths, key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 0, p.parent.name))
         rows = [json.loads(p.read_text()) for p in by_job]
@@ -226,13 +252,13 @@ SETTING_CHECKS = {
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def invert_app(cfg: DictConfig) -> float:
     # Returned so that Hydra sweepers can optimise it.
-    metrics = report_errors(run_inversion)(cfg)
+    metrics = report_errors(in_own_folder(run_inversion))(cfg)
     return metrics["psnr_mean"] if metrics else math.nan
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="reconstruct")
 def reconstruct_app(cfg: DictConfig) -> None:
-    report_errors(run_reconstruction)(cfg)
+    report_errors(in_own_folder(run_reconstruction))(cfg)
 
 
 SUBCOMMANDS = {"reconstruct": reconstruct_app, "edit": edit_app, "attention": attention_app, "edit_bench": edit_bench_app}

@@ -7,6 +7,7 @@ for nothing (ALGORITHM.md section 4).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -171,6 +172,8 @@ def load_pipeline(
     only if the weights are already in the Hugging Face cache; otherwise one clear error says what to do.
     """
     local = _local_folder(path)
+    if local_files_only is None and local is None and not hub_reachable():
+        local_files_only = True
     family = _family(path, local, revision, bool(local_files_only))
     kwargs = {"dtype": torch.float32}
     if family.name == "sd":
@@ -191,6 +194,34 @@ def load_pipeline(
     return freeze(pipe)
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all: asked once per process, one request of 5 s at most.
+
+    Offline, huggingface_hub would retry every file with back-off for half a minute before failing;
+    after a no, hub models load from the local cache only (or fail in one line at once).
+    ``HF_HUB_OFFLINE=1`` answers no without asking.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception:  # any kind of transport failure (refused, no DNS, timeout, proxy, TLS) means no answer
+        return False
+    return True
+
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def model_configs() -> list[str]:
+    """The names of the model configs (``model=<name>`` on the command line, ``load_pipeline("<name>")``)."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
 def _local_folder(path: str) -> Path | None:
     """The pipeline folder ``path`` names, or None for a hub id; one-line errors for anything else."""
     if not isinstance(path, str) or not path:
@@ -204,7 +235,7 @@ def _local_folder(path: str) -> Path | None:
     if path.count("/") != 1 and not local.exists():
         raise UnknownNameError(
             f"unknown model {path!r}: give a hub id like CompVis/stable-diffusion-v1-4, a local pipeline folder, "
-            "or one of the model configs (model=tiny, sd14, sd15, sd21_base, sdxl, sd3, flux_dev, flux_schnell, tiny_xl, ...)"
+            f"or one of the model configs (model={', '.join(model_configs())})"
         )
     return local if local.exists() else None
 
@@ -213,7 +244,7 @@ def _unavailable(path: str, error: Exception) -> ModelUnavailableError:
     return ModelUnavailableError(
         f"cannot load model {path!r} ({type(error).__name__}): its weights are not in the local Hugging Face "
         "cache and the hub cannot be reached; download it once with network access "
-        f"(`hf download {path}`) or pass model.path=<local pipeline folder>"
+        f"(`hf download {path}`) or give a local pipeline folder instead (model.path=<folder>, or load_pipeline(<folder>))"
     )
 
 
@@ -290,9 +321,9 @@ def _config_file(path: str, local: Path | None, name: str, revision: str | None,
 
 def _folder_shape(path: str, revision: str | None) -> ModelShape:
     local = _local_folder(path)
-    family = _family(path, local, revision)
+    family = _family(path, local, revision, not hub_reachable())
     names = (f"{family.denoiser_name}/config.json", "vae/config.json", "scheduler/scheduler_config.json")
-    return family.shape(*(_config_file(path, local, name, revision) for name in names))
+    return family.shape(*(_config_file(path, local, name, revision, not hub_reachable()) for name in names))
 
 
 def pipeline_shape(pipe: DiffusionPipeline) -> ModelShape:

@@ -42,6 +42,8 @@ from PIL import Image
 from nulltext.artifacts import invalidate_artifact, save_artifact
 from nulltext.cost import PeakMemory, UNetCounter, peak_memory_definition
 from nulltext.diffusion import Diffusion
+from nulltext.errors import NulltextError
+from nulltext.folders import folder_override
 from nulltext.io import atomic_write, atomic_write_json
 from nulltext.methods import Inversion, InversionMethod, image_seed
 from nulltext.metrics import SSIM_SPEC, ImageScores, load_lpips, psnr_per_image, score_uint8
@@ -89,6 +91,55 @@ def per_image(count: int, batch_size: int) -> int | float:
     """A batch's count shared out per image, as an int when it divides evenly."""
     share = count / batch_size
     return int(share) if share.is_integer() else share
+
+
+# The settings that make a run folder's results one run's, named as on the command line: those that
+# decide an image's result (the resume hash's) and which images the data are.
+RUN_SETTINGS = ("model", "diffusion", "inversion", "data.dataset", "data.resolution", "seed", "lpips_net")
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    """A nested config as {dotted key: value} (a list is one value)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def settings_differences(ours: dict, theirs: dict) -> list[str]:
+    """The :data:`RUN_SETTINGS` in which two composed configs differ, as 'key: theirs there, ours here'."""
+
+    def pick(config: dict) -> dict[str, Any]:
+        found = {}
+        for name in RUN_SETTINGS:
+            node = config
+            for part in name.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            found.update(_leaves(node, name))
+        return found
+
+    a, b = pick(ours), pick(theirs)
+    differing = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    # Another constructor (inversion=ddim instead of null_text): its other settings differ as a matter of course.
+    replaced = [k.removesuffix("._target_") + "." for k in differing if k.endswith("._target_")]
+    return [f"{k}: {b.get(k)!r} there, {a.get(k)!r} here" for k in differing if k.endswith("._target_") or not k.startswith(tuple(replaced))]
+
+
+def check_same_settings(output_dir: Path, config: dict) -> None:
+    """Refuse a run into a folder whose finished images were made with other settings (``config`` is
+    the composed one): metrics.json would cover this run's images, and inversions/ and images/ a mix
+    of both runs'."""
+    for path in sorted((output_dir / "inversions").glob("*.json")):
+        try:
+            theirs = json.loads(path.read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged artifact: reported where the run reads it
+        differences = settings_differences(config, theirs or {})
+        if differences:
+            more = f"; and {len(differences) - 3} more" if len(differences) > 3 else ""
+            raise NulltextError(
+                f"{output_dir} holds finished images made with other settings ({'; '.join(differences[:3])}{more}; "
+                f"see {path.name}): give another {folder_override()}=<folder>, or delete the folder to recompute them"
+            )
 
 
 class ImageProgressBar(TQDMProgressBar):
@@ -246,6 +297,7 @@ class InversionModule(L.LightningModule):
                 self.results.append(done)
                 self.log_image(done)
         if todo:
+            log.info("inverting %s", ", ".join(batch["ids"][b] for b in todo))
             self.invert_batch([batch["ids"][b] for b in todo], [batch["captions"][b] for b in todo], batch["images"][todo])
         self.log_run_means([r for r in self.results[first:] if r["status"] == "ok"])
 
@@ -323,6 +375,7 @@ class InversionModule(L.LightningModule):
             save_artifact(self.output_dir / "inversions" / image_id, inversion.select(b), self.artifact_metadata(image_id, seeds[b], result))
             self.results.append(result)
             self.log_image(result, images[b], recon.images[b])
+            log.info("image %s: PSNR %.2f dB, LPIPS %.4f, %s iterations, %.2f s", image_id, result["psnr"], result["lpips"], result["iterations"], seconds)
 
     def log_run_means(self, results: list[dict]) -> None:
         """``test/*``, which Lightning averages over the run (weighted by image count): from the result

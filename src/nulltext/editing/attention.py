@@ -214,21 +214,25 @@ class AttentionStore(AttentionController):
         n = max(self.num_stored_steps, 1)
         return {key: [m / n for m in maps] for key, maps in self.sums.items()}
 
-    def resolutions(self, is_cross: bool = True) -> list[int]:
-        """The query counts of the stored layers."""
-        kind = "cross" if is_cross else "self"
-        return sorted({m.shape[1] for key, maps in self.sums.items() if key.endswith(kind) for m in maps})
+    def resolutions(self, places: Sequence[str] = PLACES, is_cross: bool = True) -> list[int]:
+        """The query counts of the stored layers in ``places``."""
+        return sorted({m.shape[1] for place in places for m in self.sums.get(self.key(place, is_cross), [])})
 
     def aggregate(self, queries: int | None = None, places: Sequence[str] = ("down", "up"), is_cross: bool = True) -> Tensor:
         """[P, h, w, keys]: the step-averaged maps of the layers with ``queries`` positions, averaged over layers.
 
-        ``queries=None`` picks the resolution nearest a quarter of the latent side (16x16 for SD's
-        64x64 latents, as the official attention view and local blend use).
+        ``queries=None`` picks, among the resolutions stored in ``places``, the one nearest a quarter
+        of the latent side (16x16 for SD's 64x64 latents, as the official attention view and local
+        blend use; on a small model the one nearest may exist only in the middle block).
         """
-        queries = queries or pick_resolution(self.resolutions(is_cross), self.latent_shape)
+        queries = queries or pick_resolution(self.resolutions(places, is_cross), self.latent_shape)
         maps = [m for place in places for m in self.average().get(self.key(place, is_cross), []) if m.shape[1] == queries]
         if not maps:
-            raise EditError(f"no stored {'cross' if is_cross else 'self'}-attention maps with {queries} queries in {list(places)}")
+            sides = ", ".join(str(self.map_side(q)[0]) for q in self.resolutions(places, is_cross))
+            raise EditError(
+                f"resolution {self.map_side(queries)[0]}: no {'cross' if is_cross else 'self'}-attention maps of that side "
+                f"in {', '.join(places)}; this model has {sides}"
+            )
         mean = torch.stack(maps).mean(0)
         h, w = self.map_side(queries)
         return mean.reshape(mean.shape[0], h, w, mean.shape[-1])

@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from nulltext.apps import CONFIG_DIR, check_common, check_editable_family, check_methods, method_options, plain, report_errors
+from nulltext.folders import in_own_folder
 from nulltext.validation import SettingError, check_choice, check_int, check_text
 
 GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
@@ -33,10 +34,14 @@ def check_edit(cfg: DictConfig) -> tuple[list[str], "EditSettings"]:
     """``nulltext edit``'s settings (before any model loads): the source, prompts, edit settings, method."""
     from nulltext.editing.edit import SETTING_KEYS, EditSettings
     from nulltext.editing.errors import EditError
+    from nulltext.errors import ImageError
 
     check_common(cfg)
     for key in ("artifact", "image", "mask", "clip_model"):
         _optional(check_text, key, cfg.get(key))
+    for key in ("image", "mask"):  # read after the model loads: checked here, before
+        if cfg.get(key) and not Path(cfg[key]).expanduser().is_file():
+            raise ImageError(f"{key}={cfg[key]!r}: no such file, give the path of an image file")
     prompts = None if OmegaConf.is_missing(cfg, "prompts") else plain(cfg.prompts)
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not prompts or not isinstance(prompts, list):
@@ -266,16 +271,16 @@ def run_attention(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="edit")
 def edit_app(cfg: DictConfig) -> None:
-    report_errors(run_edit)(cfg)
+    report_errors(in_own_folder(run_edit))(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
 def attention_app(cfg: DictConfig) -> None:
-    report_errors(run_attention)(cfg)
+    report_errors(in_own_folder(run_attention))(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="edit_bench")
 def edit_bench_app(cfg: DictConfig) -> None:
     from nulltext.editing.benchmark import run_edit_bench
 
-    report_errors(run_edit_bench)(cfg)
+    report_errors(in_own_folder(run_edit_bench))(cfg)
