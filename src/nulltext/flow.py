@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
