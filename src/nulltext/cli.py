@@ -10,7 +10,6 @@ input stops it with one line before any model loads.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -30,6 +29,7 @@ from nulltext.apps import CONFIG_DIR, report_errors
 from nulltext.editing.benchmark import check_edit_bench
 from nulltext.editing.cli import attention_app, check_attention, check_edit, edit_app, edit_bench_app
 from nulltext.errors import NulltextError
+from nulltext.io import check_writable_folder
 from nulltext.validation import SettingError, check_choice, check_given, check_int, check_multiple, check_seed, check_text
 
 log = logging.getLogger("nulltext")
@@ -130,6 +130,8 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     datamodule = instantiate(cfg.data, resolution=resolution)
     check_trainer(cfg.trainer)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    logs = [Path(logger.log_dir) for logger in loggers if isinstance(getattr(logger, "log_dir", None), str)]
+    check_writable_folder(cfg.paths.output_dir, "the output folder", ("images", "inversions", *logs))
     progress = progress_bar_settings(cfg.trainer.get("enable_progress_bar"), sys.stderr.isatty())
     try:
         trainer = instantiate(cfg.trainer, logger=loggers or False, **progress)
@@ -145,6 +147,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
 
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
+    from nulltext.report import read_metrics
     from nulltext.runner import InversionModule
 
     run = prepare_inversion(cfg)
@@ -174,9 +177,12 @@ def run_inversion(cfg: DictConfig) -> dict:
         # its last image, and a multirun's next job would start a fresh trainer: end the process here.
         raise SystemExit("nulltext: stopped by SIGTERM; run the same command again to resume (finished images are kept)")
     # Read back what rank 0 wrote: with spawned DDP processes this process's module saw no results.
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics = read_metrics(output_dir / "metrics.json")
     print(format_table([metrics]))
     print(f"outputs: {output_dir}")
+    if not metrics["num_images"] and metrics["images"]:
+        first = metrics["images"][0]
+        raise NulltextError(f"every image of the run failed ({len(metrics['images'])}; {first['id']}: {first.get('error')}); see {output_dir / 'metrics.json'}")
     return metrics
 
 
@@ -199,15 +205,30 @@ def run_reconstruction(cfg: DictConfig) -> Path:
 
 
 class SummaryTable(Callback):
-    """After a multirun, print one table row per job from the jobs' metrics.json files."""
+    """After a multirun of ``nulltext``, print one table row per job from the jobs' metrics.json files;
+    after any multirun in which a job failed (:data:`nulltext.apps.FAILED_JOBS`), exit with status 2."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        paths = Path(config.hydra.sweep.dir).glob("*/metrics.json")
-        # Job folders are "<n>_<method>": order by the job number, not as strings ("10" < "2").
-        by_job = sorted(paths, key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 0, p.parent.name))
-        rows = [json.loads(p.read_text()) for p in by_job]
-        if rows:
-            print(format_table(rows))
+        from nulltext.apps import FAILED_JOBS
+        from nulltext.report import read_metrics
+
+        failed = list(FAILED_JOBS)
+        if kwargs.get("config_name") == "config":
+            paths = Path(config.hydra.sweep.dir).glob("*/metrics.json")
+            # Job folders are "<n>_<method>": order by the job number, not as strings ("10" < "2").
+            by_job = sorted(paths, key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 0, p.parent.name))
+            rows = []
+            for path in by_job:
+                try:
+                    rows.append(read_metrics(path))
+                except NulltextError as error:
+                    print(f"nulltext: error: {error}", file=sys.stderr)
+                    failed.append(path.parent.name)
+            if rows:
+                print(format_table(rows))
+        if failed:
+            print(f"nulltext: error: {len(failed)} job(s) failed: {', '.join(dict.fromkeys(failed))} (their errors are above)", file=sys.stderr)
+            sys.exit(2)
 
 
 # The settings check of each app (config name -> function of the composed config): the first step of

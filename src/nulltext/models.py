@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
-from nulltext.io import atomic_write_text
+from nulltext.io import atomic_write_text, check_fields
 from nulltext.validation import SettingError
 
 CLIP_CONTEXT_LENGTH = 77
@@ -145,9 +145,17 @@ def load_pipeline(path: str, revision: str | None = None, local_files_only: bool
     # Loading bars would bury the results table (they are per component, and jobs load often).
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    if local is not None:
+        # Read first, so that a damaged folder is named (diffusers' errors do not all say which file).
+        _read_config(local / "model_index.json", path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as error:
+    except Exception as error:
+        if local is not None:
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            raise ModelUnavailableError(f"cannot load the model folder {local} ({reason}): its files are damaged or incomplete; re-create it with save_pretrained") from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         raise _unavailable(path, error) from None
     return freeze(pipe)
 
@@ -231,6 +239,14 @@ def model_shape(model: Mapping[str, Any]) -> ModelShape | None:
     return None
 
 
+# The fields of a model folder's config files that :func:`_shape` reads, with their JSON types.
+SHAPE_FIELDS = {
+    "unet/config.json": {"sample_size": (int, type(None))},
+    "vae/config.json": {"block_out_channels": (list, type(None))},
+    "scheduler/scheduler_config.json": {"num_train_timesteps": (int, type(None)), "steps_offset": (int, type(None))},
+}
+
+
 def _folder_shape(path: str, revision: str | None) -> ModelShape:
     local = _local_folder(path)
     files = {}
@@ -244,11 +260,19 @@ def _folder_shape(path: str, revision: str | None) -> ModelShape:
                 raise _unavailable(path, error) from None
         else:
             file = local / name
-        try:
-            files[name] = json.loads(Path(file).read_text())
-        except (OSError, ValueError) as error:
-            raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
+        files[name] = check_fields(_read_config(Path(file), path), file, "re-create the model folder", **SHAPE_FIELDS[name])
     return _shape(*files.values())
+
+
+def _read_config(file: Path, model: str) -> dict:
+    """A JSON config file of a model folder (or the hub's cache), as a dict; one line naming it when missing or damaged."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"cannot read {file} of model {model!r} ({type(error).__name__}): the folder is damaged or incomplete; re-create it") from None
+    if not isinstance(config, dict):
+        raise ModelUnavailableError(f"{file} of model {model!r} is damaged (a JSON {type(config).__name__}, not an object): re-create the folder")
+    return config
 
 
 def pipeline_shape(pipe: StableDiffusionPipeline) -> ModelShape:
