@@ -115,7 +115,8 @@ def atomic_write_json(path: str | os.PathLike, data: dict) -> Path:
 
 
 def read_json(path: str | os.PathLike, remedy: str, **fields: tuple[type, ...]) -> dict:
-    """A JSON object written by :func:`atomic_write_json`, checked, with ``fields`` as in :func:`check_fields`.
+    """A JSON object written by :func:`atomic_write_json`, checked, with ``fields`` as in
+    :func:`check_fields`; returned without its checksum.
 
     A :class:`FileError` naming the file, with ``remedy`` (what to do), when it is missing,
     unreadable, not JSON, not an object, its content does not match its checksum or a field is
@@ -141,7 +142,7 @@ def read_json(path: str | os.PathLike, remedy: str, **fields: tuple[type, ...]) 
     check_fields(data, path, remedy, **fields)
     if CHECKSUM not in data:
         log.warning("%s records no checksum (files written before nulltext recorded one have none): its content cannot be verified", path)
-    return data
+    return {k: v for k, v in data.items() if k != CHECKSUM}
 
 
 def _kind(kinds: tuple[type, ...]) -> str:
