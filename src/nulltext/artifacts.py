@@ -88,7 +88,8 @@ def load_artifact(path: str | Path) -> tuple[Inversion, dict]:
         raise FileError(f"artifact {path}: its tensors {tensors_file} are missing: {REMEDY}")
     if not record_file.is_file():
         raise FileError(f"artifact {path}: its record {record_file} is missing (an image whose run was stopped has none): {REMEDY}")
-    record = read_json(record_file, REMEDY, format_version=(int,), prompt=(str,), guidance_scale=NUMBER, iterations=(int,), sampler=(dict,))
+    record = read_json(record_file, REMEDY, lambda old: old["format_version"] < 2, format_version=(int,), prompt=(str,),
+                       guidance_scale=NUMBER, iterations=(int,), sampler=(dict,))
     check_fields(record["sampler"], record_file, REMEDY, method=(str, type(None)), settings=(dict,))
     check_fields(record, record_file, REMEDY, tensors_sha256=(str,) if record["format_version"] >= 2 else (str, type(None)))
     data = tensors_file.read_bytes()

@@ -114,14 +114,15 @@ def atomic_write_json(path: str | os.PathLike, data: dict) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, remedy: str, **fields: tuple[type, ...]) -> dict:
+def read_json(path: str | os.PathLike, remedy: str, old_format: Callable[[dict], bool] | None = None, **fields: tuple[type, ...]) -> dict:
     """A JSON object written by :func:`atomic_write_json`, checked, with ``fields`` as in
     :func:`check_fields`; returned without its checksum.
 
     A :class:`FileError` naming the file, with ``remedy`` (what to do), when it is missing,
-    unreadable, not JSON, not an object, its content does not match its checksum or a field is
-    missing or of another type. A file with no checksum (written before nulltext recorded one)
-    is read after a warning line: its types are checked, its values cannot be.
+    unreadable, not JSON, not an object, a field is missing or of another type, or its content
+    does not match its checksum or has none. ``old_format`` tells the files of a format from
+    before the checksums: those are read after a warning line (their types are checked, their
+    values cannot be).
     """
     path = Path(path)
     if not path.is_file():
@@ -141,7 +142,9 @@ def read_json(path: str | os.PathLike, remedy: str, **fields: tuple[type, ...]) 
         raise FileError(f"{path} is damaged (its content does not match the checksum it records): {remedy}")
     check_fields(data, path, remedy, **fields)
     if CHECKSUM not in data:
-        log.warning("%s records no checksum (files written before nulltext recorded one have none): its content cannot be verified", path)
+        if old_format is None or not old_format(data):
+            raise FileError(f"{path} records no checksum (damaged, or written by a nulltext from before the checksums): {remedy}")
+        log.warning("%s records no checksum (written by a nulltext from before the checksums): its content cannot be verified", path)
     return {k: v for k, v in data.items() if k != CHECKSUM}
 
 
