@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from nulltext.diffusion import Diffusion
 from nulltext.errors import FileError
 from nulltext.io import NUMBER, atomic_write, atomic_write_json, check_fields, read_json
-from nulltext.diffusion import Diffusion
 from nulltext.methods.base import Inversion
 
 log = logging.getLogger(__name__)
