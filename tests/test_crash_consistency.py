@@ -109,10 +109,10 @@ def visible_files(run_dir: Path) -> list[Path]:
 
 
 def without_run_specifics(value, run_dir: Path):
-    """JSON content with timings and peak memory (measured, so never equal twice) dropped and the
-    run folder's path made neutral."""
+    """JSON content with timings and peak memory (measured, so never equal twice) and the file's
+    checksum (of content with them) dropped, and the run folder's path made neutral."""
     if isinstance(value, dict):
-        measured = ("seconds", "seconds_mean", "peak_memory_mib", "peak_memory_mib_mean")
+        measured = ("seconds", "seconds_mean", "peak_memory_mib", "peak_memory_mib_mean", "sha256")
         return {k: without_run_specifics(v, run_dir) for k, v in value.items() if k not in measured}
     if isinstance(value, list):
         return [without_run_specifics(v, run_dir) for v in value]

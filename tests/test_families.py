@@ -14,12 +14,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from helpers import composed
-from nulltext.api import MODEL_CONFIGS, invert, load_pipeline
+from nulltext.api import invert, load_pipeline
 from nulltext.cli import prepare_inversion, run_inversion, run_reconstruction
 from nulltext.diffusion import Diffusion
 from nulltext.errors import ModelUnavailableError
 from nulltext.families import unpack
-from nulltext.models import ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
+from nulltext.models import MODEL_CONFIG_DIR, ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
 from nulltext.reconstruction import latent_errors, reconstruct
 from nulltext.validation import SettingError
 
@@ -162,7 +162,7 @@ def test_flux_refuses_latents_of_another_size_than_its_schedule(pipes):
 def test_model_shapes_from_configs():
     """Read from the configs alone: the full-shape random models are never built here."""
     names = ("tiny_xl", "tiny_sd3", "tiny_flux", "sdxl_random", "sd3_random", "flux_random")
-    shapes = {name: model_shape(OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")) for name in names}
+    shapes = {name: model_shape(OmegaConf.load(MODEL_CONFIG_DIR / f"{name}.yaml")) for name in names}
     # Image sides: multiples of the VAE factor (4 tiny, 8 real); SD3 patches 2x2 and FLUX packs 2x2: twice that.
     assert shapes == {
         "tiny_xl": ModelShape(4, 64, 999, "sdxl"),

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from nulltext import models
-from nulltext.artifacts import load_artifact
+from nulltext.artifacts import open_artifact
 from nulltext.data import load_image, preprocess_image
 from nulltext.diffusion import Diffusion
 from nulltext.errors import UnknownNameError, user_error
@@ -133,8 +133,8 @@ def invert(
 
 
 def reconstruct_artifact(path: str | Path) -> Image.Image:
-    """Re-create the reconstruction stored in an inversion artifact (``inversions/<id>.safetensors``)."""
-    inversion, record = load_artifact(path)
-    diffusion = instantiate(record["diffusion_config"], pipe=instantiate(record["model_config"]), resolution=record.get("resolution"))
+    """Re-create the reconstruction stored in an inversion artifact (``inversions/<id>.safetensors``),
+    with the model and sampler it records; a damaged or missing artifact is a FileError naming the file."""
+    inversion, _, diffusion = open_artifact(path)
     images = reconstruct(diffusion, inversion).images
     return Image.fromarray(images[0].permute(1, 2, 0).cpu().numpy())

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nulltext.errors import user_error
+from nulltext.errors import NulltextError, user_error
 from nulltext.validation import SettingError, check_choice, check_text
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -24,11 +25,17 @@ def plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+# The multirun jobs run by this process that ended with a user error (their folder names): the
+# sweep goes on, and exits with status 2 at its end (:class:`nulltext.cli.SummaryTable`).
+FAILED_JOBS: list[str] = []
+
+
 def report_errors(task):
     """Run a task; a user error becomes one line on stderr, not a traceback.
 
-    A single run then exits with status 2; in a multirun the failed job returns None and the
-    sweep goes on (one bad job must not stop a cluster sweep).
+    A single run then exits with status 2; in a multirun the failed job is recorded in
+    :data:`FAILED_JOBS` and returns None, and the sweep goes on (one bad job must not stop a
+    cluster sweep).
     """
 
     def wrapped(cfg: DictConfig):
@@ -40,10 +47,40 @@ def report_errors(task):
                 raise
             print(f"nulltext: error: {found}", file=sys.stderr)
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                FAILED_JOBS.append(Path(HydraConfig.get().runtime.output_dir).name)
                 return None
             sys.exit(2)
 
     return wrapped
+
+
+class OutputFolderCheck(Callback):
+    """Before Hydra creates the run (or sweep) folder and writes into it: one line and status 2
+    when it cannot be written into (read-only, a file in the way), instead of Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: str, setting: str) -> None:
+        from nulltext.io import check_writable_folder
+
+        try:
+            check_writable_folder(folder, setting)
+        except NulltextError as error:
+            print(f"nulltext: error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+
+def given_on_command_line(key: str) -> bool:
+    """Whether the running app's command line sets ``key`` or a setting below it (``model=tiny``, ``model.path=...``)."""
+    if not HydraConfig.initialized():
+        return False
+    names = (override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task)
+    return any(name == key or name.startswith(key + ".") for name in names)
 
 
 def check_common(cfg: DictConfig) -> None:

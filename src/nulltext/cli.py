@@ -10,7 +10,6 @@ input stops it with one line before any model loads.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -31,6 +30,7 @@ from nulltext.editing.benchmark import check_edit_bench
 from nulltext.editing.cli import attention_app, check_attention, check_edit, edit_app, edit_bench_app
 from nulltext.errors import ModelUnavailableError, NulltextError
 from nulltext.folders import FolderLock, in_own_folder, resumable, stopped
+from nulltext.io import check_writable_folder
 from nulltext.validation import SettingError, check_choice, check_given, check_int, check_multiple, check_seed, check_text
 
 log = logging.getLogger("nulltext")
@@ -139,6 +139,8 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     datamodule = instantiate(cfg.data, resolution=resolution)
     check_trainer(cfg.trainer)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    logs = [Path(logger.log_dir) for logger in loggers if isinstance(getattr(logger, "log_dir", None), str)]
+    check_writable_folder(cfg.paths.output_dir, "the output folder", ("images", "inversions", *logs))
     progress = progress_bar_settings(cfg.trainer.get("enable_progress_bar"), sys.stderr.isatty())
     try:
         trainer = instantiate(cfg.trainer, logger=loggers or False, **progress)
@@ -154,6 +156,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
 
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
+    from nulltext.report import read_metrics
     from nulltext.runner import InversionModule, check_same_settings
 
     run = prepare_inversion(cfg)
@@ -185,9 +188,12 @@ def run_inversion(cfg: DictConfig) -> dict:
         # its last image, and a multirun's next job would start a fresh trainer: end the process here.
         raise stopped("SIGTERM", output_dir, 143)
     # Read back what rank 0 wrote: with spawned DDP processes this process's module saw no results.
-    metrics = json.loads((output_dir / "metrics.json").read_text())
+    metrics = read_metrics(output_dir / "metrics.json")
     print(format_table([metrics]))
     print(f"outputs: {output_dir}")
+    if not metrics["num_images"] and metrics["images"]:
+        first = metrics["images"][0]
+        raise NulltextError(f"every image of the run failed ({len(metrics['images'])}; {first['id']}: {first.get('error')}); see {output_dir / 'metrics.json'}")
     return metrics
 
 
@@ -216,8 +222,9 @@ def _written(path: Path) -> tuple[int, int]:
 
 
 class SummaryTable(Callback):
-    """A multirun holds its sweep folder's lock; after it, one table row per job of this sweep from
-    the jobs' metrics.json files (not those an earlier sweep into the same folder left)."""
+    """A multirun holds its sweep folder's lock; after it, one table row per job of this sweep from the
+    jobs' metrics.json files (not those an earlier sweep into the same folder left), then exit status 2
+    if a job failed (:data:`nulltext.apps.FAILED_JOBS`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.lock = FolderLock(config.hydra.sweep.dir, "hydra.sweep.dir", config.hydra.job.config_name)
@@ -229,13 +236,27 @@ class SummaryTable(Callback):
         self.earlier = {p: _written(p) for p in Path(config.hydra.sweep.dir).glob("*/metrics.json")}
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from nulltext.apps import FAILED_JOBS
+        from nulltext.report import read_metrics
+
         self.lock.release()
-        paths = [p for p in Path(config.hydra.sweep.dir).glob("*/metrics.json") if self.earlier.get(p) != _written(p)]
-        # Job folders are "<n>_<method>": order by the job number, not as strings ("10" < "2").
-        by_job = sorted(paths, key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 0, p.parent.name))
-        rows = [json.loads(p.read_text()) for p in by_job]
-        if rows:
-            print(format_table(rows))
+        failed = list(FAILED_JOBS)
+        if kwargs.get("config_name") == "config":
+            paths = [p for p in Path(config.hydra.sweep.dir).glob("*/metrics.json") if self.earlier.get(p) != _written(p)]
+            # Job folders are "<n>_<method>": order by the job number, not as strings ("10" < "2").
+            by_job = sorted(paths, key=lambda p: (int(p.parent.name.split("_")[0]) if p.parent.name.split("_")[0].isdigit() else 0, p.parent.name))
+            rows = []
+            for path in by_job:
+                try:
+                    rows.append(read_metrics(path))
+                except NulltextError as error:
+                    print(f"nulltext: error: {error}", file=sys.stderr)
+                    failed.append(path.parent.name)
+            if rows:
+                print(format_table(rows))
+        if failed:
+            print(f"nulltext: error: {len(failed)} job(s) failed: {', '.join(dict.fromkeys(failed))} (their errors are above)", file=sys.stderr)
+            sys.exit(2)
 
 
 # The settings check of each app (config name -> function of the composed config): the first step of

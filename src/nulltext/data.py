@@ -679,9 +679,11 @@ class FolderDataset(_CaptionedImages):
                 f"data folder {what}: {folder}: pass data.dataset.path=<folder with the images "
                 f"and {captions or ' or '.join(CAPTIONS_FILES)}>"
             )
-        file = _find_captions_file(folder) if captions is None else _setting_path("data.dataset.captions", captions)
-        if not file.is_absolute():
-            file = folder / file
+        if captions is None:
+            file = _find_captions_file(folder)  # already inside the folder
+        else:
+            file = _setting_path("data.dataset.captions", captions)
+            file = file if file.is_absolute() else folder / file
         reader = _CAPTION_READERS.get(file.suffix.lower())
         if reader is None:
             raise NulltextError(

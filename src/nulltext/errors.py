@@ -17,6 +17,11 @@ class ModelUnavailableError(NulltextError):
     """Model weights cannot be found locally and the hub cannot be reached."""
 
 
+class FileError(NulltextError):
+    """A file nulltext reads is missing, damaged or does not fit what uses it, or a folder it writes
+    into cannot be written."""
+
+
 class UnknownNameError(NulltextError):
     """An unknown model, method or dataset name was given."""
 

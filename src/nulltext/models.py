@@ -36,7 +36,7 @@ from transformers.utils import logging as transformers_logging
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
 from nulltext.families import FAMILIES, ModelShape, family_class, family_of
-from nulltext.io import atomic_write_text
+from nulltext.io import atomic_write_text, check_fields
 from nulltext.validation import SettingError
 
 CLIP_CONTEXT_LENGTH = 77
@@ -187,9 +187,17 @@ def load_pipeline(
     # Loading bars would bury the results table (they are per component, and jobs load often).
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    if local is not None:
+        # Read first, so that a damaged folder is named (diffusers' errors do not all say which file).
+        _read_config(local / "model_index.json", path)
     try:
         pipe = family.pipeline.from_pretrained(str(local) if local else path, revision=revision, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as error:
+    except Exception as error:
+        if local is not None:
+            reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            raise ModelUnavailableError(f"cannot load the model folder {local} ({reason}): its files are damaged or incomplete; re-create it with save_pretrained") from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         raise _unavailable(path, error) from None
     return freeze(pipe)
 
@@ -302,21 +310,27 @@ def _family(path: str, local: Path | None, revision: str | None, local_files_onl
     return family_class(_config_file(path, local, "model_index.json", revision, local_files_only).get("_class_name"), repr(path))
 
 
+# The fields of a model folder's config files that the families' shapes read, with their JSON types.
+SHAPE_FIELDS = {
+    "unet/config.json": {"sample_size": (int, type(None))},
+    "vae/config.json": {"block_out_channels": (list, type(None))},
+    "scheduler/scheduler_config.json": {"num_train_timesteps": (int, type(None)), "steps_offset": (int, type(None))},
+}
+
+
 def _config_file(path: str, local: Path | None, name: str, revision: str | None, local_files_only: bool = False) -> dict:
-    """A JSON file of a pipeline folder or hub id (the Hugging Face cache's copy offline)."""
+    """A JSON file of a pipeline folder or hub id (the Hugging Face cache's copy offline), its shape
+    fields checked; one line naming it when missing or damaged."""
     if local is None:
         from huggingface_hub import hf_hub_download
 
         try:
-            file = hf_hub_download(path, name, revision=revision, local_files_only=local_files_only)
+            file = Path(hf_hub_download(path, name, revision=revision, local_files_only=local_files_only))
         except (OSError, ValueError) as error:  # not cached offline, unknown repo, no network
             raise _unavailable(path, error) from None
     else:
         file = local / name
-    try:
-        return json.loads(Path(file).read_text())
-    except (OSError, ValueError) as error:
-        raise ModelUnavailableError(f"cannot read {name} of model {path!r} ({type(error).__name__}): re-create the folder") from None
+    return check_fields(_read_config(file, path), file, "re-create the model folder", **SHAPE_FIELDS.get(name, {}))
 
 
 def _folder_shape(path: str, revision: str | None) -> ModelShape:
@@ -324,6 +338,17 @@ def _folder_shape(path: str, revision: str | None) -> ModelShape:
     family = _family(path, local, revision, not hub_reachable())
     names = (f"{family.denoiser_name}/config.json", "vae/config.json", "scheduler/scheduler_config.json")
     return family.shape(*(_config_file(path, local, name, revision, not hub_reachable()) for name in names))
+
+
+def _read_config(file: Path, model: str) -> dict:
+    """A JSON config file of a model folder (or the hub's cache), as a dict; one line naming it when missing or damaged."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelUnavailableError(f"cannot read {file} of model {model!r} ({type(error).__name__}): the folder is damaged or incomplete; re-create it") from None
+    if not isinstance(config, dict):
+        raise ModelUnavailableError(f"{file} of model {model!r} is damaged (a JSON {type(config).__name__}, not an object): re-create the folder")
+    return config
 
 
 def pipeline_shape(pipe: DiffusionPipeline) -> ModelShape:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nulltext.errors import NulltextError
-from nulltext.io import atomic_write, atomic_write_text
+from nulltext.io import atomic_write, atomic_write_text, check_writable_folder, read_json
 from nulltext.validation import SettingError, check_text
 
 # Display names as in the paper (Mokady et al. 2023, Fig. 4) and in the papers of the later methods.
@@ -83,10 +83,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std())
 
 
+METRICS_REMEDY = "run the command that wrote it again with the same hydra.run.dir or hydra.sweep.dir (finished images are reused)"
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A run's metrics.json, checked (:func:`nulltext.io.read_json`: its checksum covers every value),
+    so a damaged file is one line naming it, never a wrong table."""
+    return read_json(path, METRICS_REMEDY, method=(str,), images=(list,))
+
+
 def load_jobs(sweep_dir: Path) -> list[dict]:
-    """Every job's metrics.json, with ``job_dir`` added (where its images are)."""
+    """Every job's metrics.json (:func:`read_metrics`), with ``job_dir`` added (where its images are)."""
     paths = [p for p in sorted(sweep_dir.glob("**/metrics.json")) if "report" not in p.relative_to(sweep_dir).parts]
-    jobs = [{**json.loads(p.read_text()), "job_dir": str(p.parent)} for p in paths]
+    jobs = [{**read_metrics(p), "job_dir": str(p.parent)} for p in paths]
     if not jobs:
         raise NulltextError(f"no metrics.json under {sweep_dir}: give the directory of a finished run or sweep")
     return jobs
@@ -203,7 +212,11 @@ def load_edit_bench(sweep_dir: Path) -> dict | None:
     if len(paths) > 1:
         listed = ", ".join(str(p.parent) for p in paths)
         raise NulltextError(f"{len(paths)} edit benchmarks under {sweep_dir} ({listed}): keep the one to join to the comparison")
-    return {**json.loads(paths[0].read_text()), "path": str(paths[0].relative_to(sweep_dir))} if paths else None
+    if not paths:
+        return None
+    remedy = "run nulltext edit_bench again into its folder, or move it out of the sweep directory"
+    bench = read_json(paths[0], remedy, config=(dict,), method_configs=(dict,), summary=(dict,))
+    return {**bench, "path": str(paths[0].relative_to(sweep_dir))}
 
 
 def edit_summary(job: dict, bench: dict | None) -> dict | None:
@@ -478,9 +491,11 @@ def log_to_wandb(jobs: list[dict], sweep_dir: Path, project: str, num_images: in
 
 
 def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_project: str | None = None) -> dict[str, list[Path]]:
-    sweep_dir = Path(sweep_dir)
+    sweep_dir, given = Path(sweep_dir), bool(out)
     out = Path(out) if out else sweep_dir / "report"
     jobs = load_jobs(sweep_dir)
+    bench = load_edit_bench(sweep_dir)
+    check_writable_folder(out, "--out" if given else "the report folder; --out=<folder> names another")
     variants = collect_variants(jobs)
     vae = vae_bound(jobs)
     written = {"figure": plot_ablation(variants, vae, out / "ablation")}
@@ -488,7 +503,6 @@ def build_report(sweep_dir: str | Path, out: str | Path | None = None, wandb_pro
     table = markdown_table(variants, vae)
     atomic_write_text(out / "ablation.md", table)
     written["tables"] = [out / "ablation.csv", out / "ablation.md"]
-    bench = load_edit_bench(sweep_dir)
     rows = comparison_rows(jobs, bench)
     setting = setting_line(jobs)
     written["comparison"] = plot_comparison(rows, variants, vae, out / "comparison", setting)

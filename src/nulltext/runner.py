@@ -39,10 +39,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from PIL import Image
 
-from nulltext.artifacts import invalidate_artifact, save_artifact
+from nulltext.artifacts import invalidate_artifact, load_artifact, save_artifact
 from nulltext.cost import PeakMemory, UNetCounter, peak_memory_definition
 from nulltext.diffusion import Diffusion
-from nulltext.errors import NulltextError
+from nulltext.errors import FileError, NulltextError
 from nulltext.folders import folder_override
 from nulltext.io import atomic_write, atomic_write_json
 from nulltext.methods import Inversion, InversionMethod, image_seed
@@ -259,9 +259,13 @@ class InversionModule(L.LightningModule):
         path = self.output_dir / "inversions" / f"{image_id}.json"
         if not path.exists():
             return None
-        record = json.loads(path.read_text())
+        try:
+            _, record = load_artifact(path)
+        except FileError as error:
+            log.warning("image %s: recomputing it, its stored artifact cannot be used: %s", image_id, error)
+            return None
         result = record.get("result")
-        if record.get("config_hash") != self.config_hash or result is None or result.get("caption") != caption:
+        if record.get("config_hash") != self.config_hash or not isinstance(result, dict) or result.get("caption") != caption:
             return None
         return result
 

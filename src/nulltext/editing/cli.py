@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nulltext.apps import CONFIG_DIR, check_common, check_editable_family, check_methods, method_options, plain, report_errors
+from nulltext.apps import CONFIG_DIR, check_common, check_editable_family, check_methods, given_on_command_line, method_options, plain, report_errors
 from nulltext.folders import in_own_folder
 from nulltext.validation import SettingError, check_choice, check_int, check_text
 
@@ -74,28 +74,12 @@ def check_attention(cfg: DictConfig) -> None:
     check_int("columns", cfg.columns, 1)
 
 
-def _diffusion_from_record(record: dict, device):
-    from hydra.utils import instantiate
-
-    from nulltext.editing.errors import EditError
-    from nulltext.models import model_shape
-
-    missing = [k for k in ("model_config", "diffusion_config") if k not in record]
-    if missing:
-        raise EditError(f"the artifact does not record {' and '.join(missing)}; re-create it with `nulltext` (the runner writes them)")
-    shape = model_shape(record["model_config"])
-    if shape is not None:
-        check_editable_family(shape.family)
-    pipe = instantiate(record["model_config"]).to(device)
-    return instantiate(record["diffusion_config"], pipe=pipe)
-
-
 def _load_source(cfg: DictConfig, output_dir: Path):
     """(diffusion, inversion, record, input image uint8 [3,H,W] or None, description of the source)."""
     from hydra.utils import instantiate
 
     from nulltext.api import invert
-    from nulltext.artifacts import load_artifact, save_artifact
+    from nulltext.artifacts import open_artifact, save_artifact
     from nulltext.data import load_image
     from nulltext.editing.errors import EditError
     from nulltext.models import pipeline_resolution, resolve_device
@@ -103,8 +87,10 @@ def _load_source(cfg: DictConfig, output_dir: Path):
 
     device = resolve_device(cfg.get("device"))
     if cfg.get("artifact"):
-        inversion, record = load_artifact(cfg.artifact)
-        diffusion = _diffusion_from_record(record, device)
+        # The artifact's model and sampler, or those given on the command line if they fit its tensors.
+        given = {key: cfg[key] if given_on_command_line(key) else None for key in ("model", "diffusion")}
+        inversion, record, diffusion = open_artifact(cfg.artifact, device, given["model"], given["diffusion"])
+        check_editable_family(diffusion.family.name)
         image = load_image(cfg.image, pipeline_resolution(diffusion.pipe)) if cfg.get("image") else None
         return diffusion, inversion, record, image, {"artifact": str(cfg.artifact), "image": cfg.get("image")}
     if not (cfg.get("image") and cfg.get("caption")):
@@ -220,7 +206,7 @@ def run_attention(cfg: DictConfig) -> Path:
     from PIL import Image
     from safetensors.torch import save_file
 
-    from nulltext.artifacts import load_artifact
+    from nulltext.artifacts import open_artifact
     from nulltext.editing.attention import AttentionStore
     from nulltext.editing.edit import edit
     from nulltext.editing.tokens import token_texts
@@ -232,8 +218,8 @@ def run_attention(cfg: DictConfig) -> Path:
 
     check_attention(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    inversion, record = load_artifact(cfg.artifact)
-    diffusion = _diffusion_from_record(record, resolve_device(cfg.get("device")))
+    inversion, record, diffusion = open_artifact(cfg.artifact, resolve_device(cfg.get("device")))
+    check_editable_family(diffusion.family.name)
     source_prompt = inversion.prompts[0]
     prompt = cfg.get("prompt") or source_prompt
     targets = [] if prompt == source_prompt else [prompt]

@@ -73,8 +73,11 @@ def load_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise EditError(f"mask not found: {path}")
-    with Image.open(path) as opened:
-        gray = opened.convert("L")
+    try:
+        with Image.open(path) as opened:
+            gray = opened.convert("L")
+    except Exception as error:  # PIL raises many types for bad files (OSError, SyntaxError, ...), as in data.load_image
+        raise EditError(f"cannot read mask {path}: {' '.join(str(error).split())}; give a PNG or JPEG (white = edited)") from None
     w, h = gray.size
     side = min(w, h)
     gray = gray.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
