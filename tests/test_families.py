@@ -284,7 +284,9 @@ def test_editing_refuses_other_families_in_one_line(tmp_path):
         with composed(app, overrides, tmp_path / app) as cfg:
             with pytest.raises(SettingError, match="editing and attention maps run on SD 1.x/2.x models only, this is a sdxl model"):
                 run(cfg)
-    with composed("edit", ["model=tiny_flux", "image=x.png", "caption=a cat", "prompts=[a dog]"], tmp_path / "image") as cfg:
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(image)
+    with composed("edit", ["model=tiny_flux", f"image={image}", "caption=a cat", "prompts=[a dog]"], tmp_path / "image") as cfg:
         with pytest.raises(SettingError, match="this is a flux model"):
             check_edit(cfg)
 

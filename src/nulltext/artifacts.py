@@ -144,10 +144,15 @@ def check_fits(inversion: Inversion, diffusion: Diffusion, file: str | Path, whi
     message): z_T's channels and sides (multiples of the UNet's downsampling), the embeddings'
     token count and width, one embedding per sampling step or one for all. A :class:`FileError`
     naming the file otherwise."""
-    pipe = diffusion.pipe
-    channels, width = pipe.unet.config.in_channels, pipe.unet.config.cross_attention_dim
-    factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
-    tokens, steps = pipe.tokenizer.model_max_length, diffusion.schedule.num_steps
+    denoiser = diffusion.family.denoiser.config
+    channels = diffusion.pipe.vae.config.latent_channels
+    # A UNet halves the sides once per level; a transformer cuts them into patches.
+    blocks = denoiser.get("block_out_channels")
+    factor = 2 ** (len(blocks) - 1) if blocks else denoiser.get("patch_size") or 1
+    # Every family's context shape (tokens, width; a pooled row included) is that of its empty prompt.
+    with torch.no_grad():
+        tokens, width = diffusion.family.null_text().shape[-2:]
+    steps = diffusion.schedule.num_steps
     c, h, w = inversion.z_T.shape[1:]
     if c != channels or h % factor or w % factor:
         raise FileError(
