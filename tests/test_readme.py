@@ -57,11 +57,13 @@ def python_example() -> str:
 
 def with_placeholders(command: str, cwd: Path, artifact: str | None) -> str:
     def run_folder(match):
-        # The folder of the command that made its inversions (commands that failed left folders too).
-        [folder] = [f for f in (cwd / "outputs" / match.group(1) / "runs").iterdir() if (f / "inversions").is_dir()]
-        return str(folder.relative_to(cwd))
+        # The first run folder holding the file the command names (commands that failed left folders
+        # too; later commands of the README invert the same photos with other models).
+        file = match.group(2) or ""
+        folders = [f for f in (cwd / "outputs" / match.group(1) / "runs").iterdir() if (f / (file[1:] or "inversions")).exists()]
+        return str(min(folders).relative_to(cwd)) + file
 
-    command = re.sub(r"outputs/(\w+)/runs/<date>", run_folder, command)
+    command = re.sub(r"outputs/(\w+)/runs/<date>(/inversions/[\w.-]+)?", run_folder, command)
     return command.replace("artifact=...", f"artifact={artifact}") if artifact else command
 
 
