@@ -8,12 +8,19 @@ Times, on one device and in one go (warm-up first):
 - ``null_text`` (:class:`nulltext.methods.NullTextInversion`): the fast, batched engine, at every
   batch size of ``--batch-sizes`` (plus any ``--variant`` of its constructor options);
 - ``negative_prompt`` (:class:`nulltext.methods.NegativePromptInversion`): no optimisation;
+- ``flow_inversion`` (:class:`nulltext.methods.FlowInversion`): reverse Euler, for the flow families (SD3, FLUX);
 
 with early stopping off (``early_stop_epsilon=-1``: every step takes N iterations) and on (the
 official threshold), and reports seconds per image, images per minute, peak GPU memory and the
 ratios against the reference of the same early-stop setting. It also checks that the fast engine's
 first image equals the reference's (relative error of the embeddings, z_T and the reconstruction
 latents): speed counts only at an equal float32 result.
+
+Every model family runs (``--model tiny_xl``, ``sdxl_random``, ``tiny_sd3``, ``flux_random``, ...): by
+default the engines whose method runs on the model's family (``nulltext.methods.check_family``), at
+the model's resolution and with its sampler's settings (conf/diffusion, unless ``--steps`` /
+``--guidance-scale`` say otherwise). The reference runs on SD only; without it the report says why
+and has no ratios.
 
 Writes the markdown report to stdout and to ``--out``, full logs to ``--log``, raw numbers to
 ``--json``. The report is rewritten after every run, so a run cut short still leaves its rows.
@@ -24,6 +31,9 @@ Examples::
     python scripts/bench.py --model sd14_random --steps 10 --batch-sizes 1,2,4,8,16 --out $OUT/bench.md
     # CPU smoke run (seconds)
     python scripts/bench.py --model tiny --steps 4 --batch-sizes 1,2
+    # SDXL and FLUX on the CPU (smoke; issue 19's GPU rows: docs/benchmarks.md)
+    python scripts/bench.py --model tiny_xl --steps 2 --batch-sizes 1 --early-stop off
+    python scripts/bench.py --model tiny_flux --steps 2 --batch-sizes 1
     # the default offline experiment (`nulltext -m inversion=vae,ddim,negative_prompt,null_text
     # data.limit=4`) timed in-process on the CPU
     python scripts/bench.py --cpu-default
@@ -61,6 +71,9 @@ CAPTIONS = [  # used when the offline sample photos are not installed (synthetic
     "a city street at night",
 ]
 GiB = 2**30
+# --engines name -> the inversion method class it times (imported lazily: nulltext.methods loads diffusers).
+ENGINES = {"reference": "OfficialNullTextInversion", "fast": "NullTextInversion", "negative_prompt": "NegativePromptInversion",
+           "flow_inversion": "FlowInversion"}
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -68,14 +81,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd14_random", help="a conf/model config name (sd14_random; tiny for a CPU smoke run)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50; fewer for a shortened run: "
+    p.add_argument("--steps", type=int, default=None, help="sampler steps S (default: the model's sampler config, "
+                   "50 DDIM steps for SD and SDXL, 28 flow steps for SD3 and FLUX; fewer for a shortened run: "
                    "every cost is linear in S, so the ratios do not change)")
     p.add_argument("--inner-steps", type=int, default=10, help="N, Adam steps per timestep (10)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's sampler config "
+                   "(7.5 for SD and SDXL, 7.0 for SD3, FLUX's guidance input 3.5)")
     p.add_argument("--batch-sizes", default="1,2,4,8,16", help="fast-engine batch sizes, comma separated")
     p.add_argument("--early-stop", default="off,on", help="off: early_stop_epsilon=-1 (N iterations every step); "
                    "on: the official 1e-5 + 2e-5 i. Comma separated, in the order run")
-    p.add_argument("--engines", default="reference,fast,negative_prompt", help="which engines to time")
+    p.add_argument("--engines", default=None, help=f"which engines to time, of {', '.join(ENGINES)} (default: "
+                   "those whose method runs on the model's family)")
     p.add_argument("--reference-images", type=int, default=1, help="images the reference is timed on (it runs "
                    "them one by one, so batch size cannot matter)")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
@@ -102,11 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.early_stop = [e.strip() for e in args.early_stop.split(",") if e.strip()]
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    args.engines_given = args.engines is not None
+    args.engines = [e.strip() for e in (args.engines or ",".join(ENGINES)).split(",") if e.strip()]
     if set(args.early_stop) - {"off", "on"} or not args.early_stop:
         p.error("--early-stop takes off, on or off,on")
-    if set(args.engines) - {"reference", "fast", "negative_prompt"}:
-        p.error("--engines takes reference, fast, negative_prompt")
+    if set(args.engines) - set(ENGINES):
+        p.error(f"--engines takes {', '.join(ENGINES)}")
     if any(b < 1 for b in args.batch_sizes) or not args.batch_sizes:
         p.error("--batch-sizes must be positive integers")
     args.variants = [parse_variant(v, p) for v in args.variant]
@@ -198,16 +215,20 @@ def environment(device: torch.device) -> dict:
 
 
 def build_pipeline(model: str):
+    """The model config's pipeline and its sampler settings (the diffusion config the model picks)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={model}"])
         pipe = instantiate(cfg.model)
     GlobalHydra.instance().clear()
-    return pipe
+    sampler = OmegaConf.to_container(cfg.diffusion)
+    sampler.pop("_target_")
+    return pipe, sampler
 
 
 def bench_images(n: int, resolution: int) -> tuple[torch.Tensor, list[str], str]:
@@ -326,12 +347,13 @@ class Report:
             f"- card: **{e['card']}**; torch {e['torch']} (CUDA {e['cuda']}), diffusers {e['diffusers']}, "
             f"transformers {e['transformers']}, Python {e['python']}; nulltext commit `{e['git_commit']}`{dirty}; "
             f"{e['threads']} CPU threads; {self.started}",
-            f"- model `{a.model}` ({s['unet_params'] / 1e6:.1f} M UNet parameters), {s['resolution']} px, latents "
-            f"{s['latent_shape']}; DDIM S = {s['steps']} steps, N = {a.inner_steps} inner steps, guidance {a.guidance_scale}; "
+            f"- model `{a.model}` ({s['unet_params'] / 1e6:.1f} M {s['denoiser']} parameters), {s['resolution']} px, latents "
+            f"{s['latent_shape']}; {s['sampler']} S = {s['steps']} steps, N = {a.inner_steps} inner steps, guidance {s['guidance']}; "
             f"images: {s['images']}; weights on the device: "
             + (f"{s['weights_bytes'] / GiB:.2f} GiB" if s["weights_bytes"] else "n/a"),
             f"- float32 precision settings: {', '.join(f'{k}={v}' for k, v in e['precision'].items())}",
             f"- command: `{s['command']}`",
+            *[f"- not timed: {engine} ({reason})" for engine, reason in s["skipped"].items()],
             "",
             "| engine | early stop | batch | images | s/image | images/min | peak GiB | speed vs ref | memory vs ref "
             "| iters/image | result vs ref (emb. / recon. rel. err.) |",
@@ -349,13 +371,15 @@ class Report:
             lines.append(
                 f"| {row['engine']} | {row['early_stop']} | {row['batch']} | {row['images']} | "
                 f"{row['seconds_per_image']:.3f} | {60 / row['seconds_per_image']:.2f} | "
-                f"{fmt(row['peak_bytes'] and row['peak_bytes'] / GiB)} | {fmt(speed, '.2f')}x | "
+                f"{fmt(row['peak_bytes'] and row['peak_bytes'] / GiB)} | {fmt(speed, '.2f')}{'x' if speed is not None else ''} | "
                 f"{fmt(memory, '.2f')}{'x' if memory is not None else ''} | {fmt(row['iterations_mean'], '.0f')} | {check_text} |"
             )
-        lines += ["", "Ratios: speed = reference s/image / this s/image (images/min ratio); memory = this peak / "
+        ratios = ("Ratios: speed = reference s/image / this s/image (images/min ratio); memory = this peak / "
                   "reference peak; each against the reference with the same early-stop setting (negative_prompt: "
-                  "against the reference with early stopping on, the official default, if measured). Peak = "
-                  "torch.cuda.max_memory_allocated, weights included, reset before each run.", ""]
+                  "against the reference with early stopping on, the official default, if measured). ")
+        if "null_text_reference" in self.setup["skipped"]:
+            ratios = "No reference row, so no ratios (n/a). "
+        lines += ["", ratios + "Peak = torch.cuda.max_memory_allocated, weights included, reset before each run.", ""]
         lines += self.goals()
         if self.profile:
             p = self.profile
@@ -368,6 +392,15 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def goals(self) -> list[str]:
+        family = self.setup["family"]
+        if family == "sdxl":  # issue 19's goal for SDXL: null-text inversion at 1024 px under 24 GB
+            row = next((r for r in self.rows if r["engine"] == "null_text" and r["batch"] == 1 and r.get("status") == "ok"), None)
+            peak = row and row.get("peak_bytes")
+            result = (f"{peak / 1e9:.2f} GB ({peak / GiB:.2f} GiB) -> {'met' if peak < 24e9 else 'not met'}" if peak
+                      else "n/a" + (" (CPU)" if self.env["card"] == "CPU" else ""))
+            return ["Goals (computed from this table):", "", f"- SDXL null-text peak memory < 24 GB at batch 1: {result}"]
+        if family != "sd":
+            return [f"Goals: none set for {family} models (issue 19 sets memory goals for SDXL and SD 1.4 only)."]
         # Every fast-engine row counts (the plain engine and its --variant rows); the speed goal
         # takes the fastest one whose result equals the reference's.
         fast = [r for r in self.rows if r["engine"].startswith("null_text") and r["engine"] != "null_text_reference"
@@ -420,8 +453,10 @@ class Report:
 
 
 def run_bench(args) -> str:
+    from nulltext import methods
     from nulltext.diffusion import Diffusion
     from nulltext.methods import (
+        FlowInversion,
         NegativePromptInversion,
         NullTextInversion,
         OfficialNullTextInversion,
@@ -430,15 +465,32 @@ def run_bench(args) -> str:
 
     device = resolve_device(args.device)
     set_threads(args, device)
-    steps = args.steps or 50
     t_start = time.perf_counter()
     log.info("building model %s ...", args.model)
-    pipe = build_pipeline(args.model)
+    pipe, sampler = build_pipeline(args.model)
     pipe.to(device)
     log.info("model built and moved to %s in %.1f s", device, time.perf_counter() - t_start)
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    diffusion = Diffusion(pipe, num_inference_steps=steps, guidance_scale=args.guidance_scale)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    steps = args.steps or sampler["num_inference_steps"]
+    guidance = sampler["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+
+    def make_diffusion(num_steps: int) -> Diffusion:
+        return Diffusion(pipe, num_inference_steps=num_steps, guidance_scale=guidance, inversion_timestep=sampler["inversion_timestep"])
+
+    diffusion = make_diffusion(steps)
+    family = diffusion.family.name
+    resolution = diffusion.resolution
+    # The engines whose method runs on this family; the reference, the baseline of every ratio, is
+    # named with the reason whenever it cannot run (other engines only when asked for by --engines).
+    skipped = {}
+    for engine in list(args.engines):
+        method = getattr(methods, ENGINES[engine])
+        if family not in method.families:
+            args.engines.remove(engine)
+            if args.engines_given or engine == "reference":
+                skipped[method.name] = f"inversion={method.name} runs on {', '.join(method.families)} models only; this model is {family}"
+    if (args.variants or args.profile) and family not in NullTextInversion.families:
+        raise SystemExit(f"bench: error: --variant and --profile time null-text, which does not run on {family} models")
     n_images = max([*args.batch_sizes, args.reference_images])
     images, captions, source = bench_images(n_images, resolution)
     with torch.no_grad():
@@ -446,7 +498,12 @@ def run_bench(args) -> str:
     env = environment(device)
     setup = {
         "title": f"nulltext inversion benchmark on {env['card']}" + (" (CPU smoke run)" if device.type == "cpu" else ""),
-        "unet_params": sum(p.numel() for p in pipe.unet.parameters()),
+        "family": family,
+        "denoiser": "UNet" if diffusion.family.denoiser_name == "unet" else diffusion.family.denoiser_name,
+        "unet_params": sum(p.numel() for p in diffusion.unet.parameters()),
+        "sampler": "DDIM" if family in ("sd", "sdxl") else "flow Euler",
+        "guidance": guidance,
+        "skipped": skipped,
         "resolution": resolution,
         "latent_shape": "x".join(map(str, z0.shape[1:])),
         "steps": steps,
@@ -469,7 +526,7 @@ def run_bench(args) -> str:
     # Warm-up: every engine and batch size once on a few steps (CUDA context, kernels, allocator).
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
-        warm = Diffusion(pipe, num_inference_steps=args.warmup_steps, guidance_scale=args.guidance_scale)
+        warm = make_diffusion(args.warmup_steps)
         warm_settings = {"num_inner_steps": 2, "early_stop_epsilon": -1.0}
         try:
             if "reference" in args.engines:
@@ -479,6 +536,8 @@ def run_bench(args) -> str:
                     timed_invert(NullTextInversion(**{**warm_settings, **kwargs}), warm, z0[:b], captions[:b], device)
             if "negative_prompt" in args.engines:
                 timed_invert(NegativePromptInversion(), warm, z0[:1], captions[:1], device)
+            if "flow_inversion" in args.engines:
+                timed_invert(FlowInversion(), warm, z0[:1], captions[:1], device)
         except torch.OutOfMemoryError as error:
             log.warning("warm-up ran out of memory (%s); the timed runs will report it", str(error).splitlines()[0])
         log.info("warm-up done in %.1f s", time.perf_counter() - t0)
@@ -525,10 +584,13 @@ def run_bench(args) -> str:
         if n == 0 and "negative_prompt" in args.engines:  # cheap, and a goal: before the second early-stop pass
             for b in args.batch_sizes:
                 run("negative_prompt", "n/a", NegativePromptInversion(), b)
+        if n == 0 and "flow_inversion" in args.engines:
+            for b in args.batch_sizes:
+                run("flow_inversion", "n/a", FlowInversion(), b)
     if args.profile:
         kwargs = dict(args.variants).get(args.profile_variant, {})
         method = NullTextInversion(num_inner_steps=args.inner_steps, early_stop_epsilon=-1.0, **kwargs)
-        short = Diffusion(pipe, num_inference_steps=args.profile_steps, guidance_scale=args.guidance_scale)
+        short = make_diffusion(args.profile_steps)
         picks = [i % n_images for i in range(args.profile)]
         z_profile, captions_profile = z0[picks], [captions[i] for i in picks]
         timed_invert(method, short, z_profile, captions_profile, device)  # warm

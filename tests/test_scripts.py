@@ -5,6 +5,7 @@ computed from the runs (speed itself is never asserted: timings belong to benchm
 import importlib.util
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -59,6 +60,33 @@ def test_bench_reports_every_engine_with_its_result_check(tmp_path):
     assert "| null_text[static] | off | 2 | 2 |" in text and "#### Profile: null_text (static), batch 2" in text
     assert "result equal (rel. err. < 1e-3)" in text and "a CPU smoke run is NOT evidence" in text
 
+
+
+@pytest.mark.parametrize(("model", "engines", "family"), [
+    ("tiny_xl", ["null_text", "negative_prompt"], "sdxl"),
+    ("tiny_flux", ["flow_inversion"], "flux"),
+])
+def test_bench_times_the_engines_of_each_model_family(tmp_path, model, engines, family):
+    """SDXL and FLUX (issue 19): the engines whose method runs on the family, at the model's resolution;
+    the SD-only reference is named as not timed, and no ratio is computed without it."""
+    bench = load_script("bench")
+    out = tmp_path / "bench.md"
+    args = ["--model", model, "--steps", "2", "--inner-steps", "2", "--batch-sizes", "1", "--early-stop", "off",
+            "--warmup-steps", "1", "--out", str(out)]
+    assert bench.main(args) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["engine"] for r in data["rows"]] == engines
+    assert (data["setup"]["family"], data["setup"]["resolution"], data["setup"]["steps"]) == (family, 64, 2)
+    for row in data["rows"]:
+        assert row["status"] == "ok" and math.isfinite(row["seconds"]) and row["seconds_per_image"] > 0
+        assert row["iterations"] == ([2 * 2] if row["engine"] == "null_text" else [0])  # S * N, early stopping off
+    text = out.read_text()
+    assert f"- model `{model}` (" in text and ", 64 px," in text
+    assert (f"- not timed: null_text_reference (inversion=null_text_reference runs on sd models only; this model is "
+            f"{family})") in text
+    assert "No reference row, so no ratios (n/a)." in text
+    for engine in engines:
+        assert f"| {engine} | {'off' if engine == 'null_text' else 'n/a'} | 1 | 1 | " in text and "| n/ax |" not in text
 
 def test_precision_check_compares_against_float32(tmp_path):
     check = load_script("precision_check")
