@@ -207,7 +207,7 @@ def test_hub_models_not_in_the_cache_fail_in_one_line(model, hub_id, tmp_path):
     [
         ("tiny_flux", "null_text", "does not run on flux models (it runs on: sd, sdxl); the methods for flux models are: vae, flow_inversion"),
         ("tiny_sd3", "ddim", "the methods for sd3 models are: vae, flow_inversion"),
-        ("tiny_xl", "edict", "the methods for sdxl models are: vae, ddim, null_text, negative_prompt"),
+        ("tiny_xl", "textual_inversion", "the methods for sdxl models are: vae, ddim, null_text, negative_prompt"),
         ("tiny", "flow_inversion", "does not run on sd models (it runs on: sd3, flux)"),
     ],
 )
@@ -220,17 +220,24 @@ def test_methods_refuse_families_they_do_not_run_on(model, method, message, tmp_
 
 # -- the methods of each family through the command line and the API ---------------------------------
 
+# (model, method, settings, denoiser evaluations of the inversion, of the reconstruction), 4 steps. Counted
+# in rows: guided steps run [uncond; cond] (2), w = 1 the conditional row alone, FLUX one row per step.
 FAMILY_RUNS = [
-    ("tiny_xl", "ddim", []),
-    ("tiny_xl", "negative_prompt", []),
-    ("tiny_xl", "null_text", ["inversion.num_inner_steps=2"]),
-    ("tiny_sd3", "flow_inversion", []),
-    ("tiny_flux", "flow_inversion", []),
+    ("tiny_xl", "ddim", [], 4, 8),
+    ("tiny_xl", "negative_prompt", [], 4, 8),
+    ("tiny_xl", "null_text", ["inversion.num_inner_steps=2"], 4 + 4 * (1 + 2 + 1), 8),
+    ("tiny_xl", "proximal_negative_prompt", [], 4, 8),
+    ("tiny_sd3", "flow_inversion", [], 4, 8),
+    ("tiny_flux", "flow_inversion", [], 4, 4),
 ]
+# Methods with no pivot: their own exact sampler, no per-step latent error.
+NO_PIVOT = ("edict", "bdia")
 
 
-@pytest.mark.parametrize("model, method, settings", FAMILY_RUNS)
-def test_family_methods_write_complete_metrics_and_reusable_artifacts(model, method, settings, tmp_path):
+@pytest.mark.parametrize("model, method, settings, inversion_evaluations, reconstruction_evaluations", FAMILY_RUNS)
+def test_family_methods_write_complete_metrics_and_reusable_artifacts(
+    model, method, settings, inversion_evaluations, reconstruction_evaluations, tmp_path
+):
     run_dir = tmp_path / "run"
     overrides = [f"model={model}", f"inversion={method}", "diffusion.num_inference_steps=4", "data.limit=1", "logger=csv", *settings]
     with composed("config", overrides, run_dir) as cfg:
@@ -239,12 +246,9 @@ def test_family_methods_write_complete_metrics_and_reusable_artifacts(model, met
     for key in ("psnr_mean", "lpips_mean", "ssim_mean", "vae_psnr_mean", "seconds_mean", "peak_memory_mib_mean"):
         assert np.isfinite(metrics[key]), key
     image = metrics["images"][0]
-    # Evaluations of the denoiser (UNet or transformer): a 4-step pivot at w = 1, then guided sampling
-    # on [uncond; cond] (FLUX: one row per step, its guidance is an input of the model).
-    rows_per_step = 1 if model == "tiny_flux" else 2
-    assert image["reconstruction_unet_evaluations"] == 4 * rows_per_step
-    assert image["inversion_unet_evaluations"] == (4 + 4 * (1 + 2 + 1) if method == "null_text" else 4)
-    assert len(image["latent_error"]["mse"]) == 5 and image["latent_error"]["mse"][0] == 0.0
+    assert (image["inversion_unet_evaluations"], image["reconstruction_unet_evaluations"]) == (inversion_evaluations, reconstruction_evaluations)
+    if method not in NO_PIVOT:
+        assert len(image["latent_error"]["mse"]) == 5 and image["latent_error"]["mse"][0] == 0.0
     in_run = np.asarray(Image.open(run_dir / "images" / f"{image['id']}.png"))
     width = in_run.shape[1] // 3
     with composed("reconstruct", [f"artifact={run_dir / 'inversions' / (image['id'] + '.safetensors')}"], tmp_path / "rec") as cfg:

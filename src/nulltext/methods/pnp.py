@@ -186,7 +186,7 @@ class ProximalNegativePromptInversion(NegativePromptInversion):
     """
 
     name = "proximal_negative_prompt"
-    families = ("sd",)
+    families = ("sd", "sdxl")
 
     def __init__(
         self,
