@@ -5,6 +5,8 @@ call and sampler, from a given z_T, give what the stock pipeline gives with the 
 prompts, steps and guidance.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from nulltext.cli import prepare_inversion, run_inversion, run_reconstruction
 from nulltext.diffusion import Diffusion
 from nulltext.errors import ModelUnavailableError
 from nulltext.families import unpack
+from nulltext.methods import DirectInversion
 from nulltext.models import MODEL_CONFIG_DIR, ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
 from nulltext.reconstruction import latent_errors, reconstruct
 from nulltext.validation import SettingError
@@ -227,6 +230,7 @@ FAMILY_RUNS = [
     ("tiny_xl", "negative_prompt", [], 4, 8),
     ("tiny_xl", "null_text", ["inversion.num_inner_steps=2"], 4 + 4 * (1 + 2 + 1), 8),
     ("tiny_xl", "proximal_negative_prompt", [], 4, 8),
+    ("tiny_xl", "direct_inversion", [], 4 + 8, 8),  # the pivot, then the offsets: one guided sampling run
     ("tiny_sd3", "flow_inversion", [], 4, 8),
     ("tiny_flux", "flow_inversion", [], 4, 4),
 ]
@@ -274,6 +278,28 @@ def test_sdxl_null_text_optimises_the_null_and_the_pooled_null_of_every_step(pip
     assert torch.equal(nulls[:, -1, 48:], torch.zeros(4, 32))  # the padding gets no gradient
     # The optimisation closes part of the guided sampling's gap to the pivot at every step.
     assert (errors["null_text"][1:] < errors["ddim"][1:]).all()
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def xl_latents(pipes, sample_images):
+    return Diffusion(pipes["tiny_xl"], 5).encode_images(sample_images[:2])
+
+
+def test_sdxl_direct_inversion_retraces_the_pivot_at_every_step(pipes, xl_latents):
+    """As on SD (tests/test_pnp_methods.py), in float64 so that what is left is rounding."""
+    diffusion = Diffusion(copy.deepcopy(pipes["tiny_xl"]).to(torch.float64), 5, 7.5)
+    z0 = xl_latents.double()
+    inversion = DirectInversion().invert(diffusion, z0, PROMPTS, [0, 1])
+    trajectory = DirectInversion.reconstruct(diffusion, inversion, 7.5)
+    pivot = inversion.pivot.flip(1)  # index i: the level after i sampling steps
+    for i in range(6):
+        assert relative(trajectory[:, i], pivot[:, i]) < 1e-10, f"step {i}"
+    # Without the offsets, guided sampling leaves the pivot (the test above can fail).
+    assert relative(diffusion.sample(inversion.z_T, inversion.uncond, inversion.cond)[:, -1], z0) > 0.05
 
 
 def test_editing_refuses_other_families_in_one_line(tmp_path):

@@ -71,6 +71,7 @@ class DirectInversion(InversionMethod):
     """
 
     name = "direct_inversion"
+    families = ("sd", "sdxl")
 
     def __init__(self, inversion_guidance_scale: float = 1.0, extra_guidance_scales: Sequence[float] = ()):
         if tuple(extra_guidance_scales):
