@@ -90,6 +90,7 @@ class EDICTInversion(_ExactInversion):
     """
 
     name = "edict"
+    families = ("sd", "sdxl")
 
     def __init__(
         self,
