@@ -202,6 +202,7 @@ class BDIAInversion(_ExactInversion):
     """
 
     name = "bdia"
+    families = ("sd", "sdxl")
 
     def __init__(self, gamma: float = 0.94, guidance_scale: float = 3.0, dtype: str = "float64", extra_guidance_scales: Sequence[float] = ()):
         super().__init__(guidance_scale, dtype, extra_guidance_scales)
