@@ -21,7 +21,7 @@ from nulltext.cli import prepare_inversion, run_inversion, run_reconstruction
 from nulltext.diffusion import Diffusion
 from nulltext.errors import ModelUnavailableError
 from nulltext.families import unpack
-from nulltext.methods import BDIAInversion, DirectInversion, EDICTInversion
+from nulltext.methods import BDIAInversion, DirectInversion, EDICTInversion, FixedPointInversion
 from nulltext.models import MODEL_CONFIG_DIR, ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
 from nulltext.reconstruction import latent_errors, reconstruct
 from nulltext.validation import SettingError
@@ -233,6 +233,7 @@ FAMILY_RUNS = [
     ("tiny_xl", "direct_inversion", [], 4 + 8, 8),  # the pivot, then the offsets: one guided sampling run
     ("tiny_xl", "edict", [], 4 * 2 * 2, 4 * 2 * 2),  # two guided evaluations per step both ways
     ("tiny_xl", "bdia", [], 4 * 2, 3 * 2),  # one per state; sampling starts from the top two states
+    ("tiny_xl", "fixed_point", ["inversion.num_iterations=2"], 4 * 2 * 2, 8),
     ("tiny_sd3", "flow_inversion", [], 4, 8),
     ("tiny_flux", "flow_inversion", [], 4, 4),
 ]
@@ -316,6 +317,26 @@ def test_sdxl_exact_methods_in_float64_return_the_latents(pipes, xl_latents, met
     # EDICT in float32 ends 0.16 away here; float64 ends 2^-29 of that (3e-10), hence 1e-8 and not SD's 1e-10.
     assert relative(trajectory[:, -1], xl_latents.double()) < tolerance
     assert diffusion.unet.dtype == torch.float32, "the UNet is back in float32"
+
+
+def test_sdxl_fixed_point_iterations_lower_the_implicit_step_residual(pipes, xl_latents):
+    """As on SD (tests/test_fixed_point.py): 20 steps of the w = 1 pivot, 1, 3 and 10 iterations per step."""
+    diffusion = Diffusion(pipes["tiny_xl"], 20)
+    cond = diffusion.encode_text(PROMPTS[:1])
+    uncond = diffusion.null_text().expand_as(cond)
+    pivot = diffusion.ddim_inversion(xl_latents[:1], cond)
+    residuals = {1: [], 3: [], 10: []}
+    for k in (6, 12, 18):  # inversion step k: pivot[k] -> level timesteps[-1 - k]
+        t, z_s = diffusion.timesteps[-1 - k], pivot[:, k]
+        for iterations, found in residuals.items():
+            z_t = FixedPointInversion(num_iterations=iterations, inversion_guidance_scale=1.0).solve(diffusion, z_s, t, uncond, cond, {})
+            back = diffusion.schedule.denoise_step(diffusion.guided_output(z_t, t, uncond, cond, 1.0), t, z_t)
+            found.append(relative(back, z_s))  # zero for the exact inverse of the sampling step
+    assert min(residuals[1]) > 1e-2, "DDIM inversion's own residual is not negligible on the tiny model"
+    for few, many in zip(residuals[1], residuals[3]):
+        assert many < few / 2, residuals
+    for few, many in zip(residuals[3], residuals[10]):
+        assert many < few / 10, residuals
 
 
 def test_editing_refuses_other_families_in_one_line(tmp_path):

@@ -93,6 +93,7 @@ class FixedPointInversion(_ImplicitInversion):
     """
 
     name = "fixed_point"
+    families = ("sd", "sdxl")
 
     def __init__(
         self,
