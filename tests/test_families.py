@@ -234,6 +234,7 @@ FAMILY_RUNS = [
     ("tiny_xl", "edict", [], 4 * 2 * 2, 4 * 2 * 2),  # two guided evaluations per step both ways
     ("tiny_xl", "bdia", [], 4 * 2, 3 * 2),  # one per state; sampling starts from the top two states
     ("tiny_xl", "fixed_point", ["inversion.num_iterations=2"], 4 * 2 * 2, 8),
+    ("tiny_xl", "renoise", [], 4 * (2 + 1), 4),  # w = 1; two estimates and the regularisation's reference per step
     ("tiny_sd3", "flow_inversion", [], 4, 8),
     ("tiny_flux", "flow_inversion", [], 4, 4),
 ]

@@ -157,6 +157,7 @@ class ReNoiseInversion(_ImplicitInversion):
     """
 
     name = "renoise"
+    families = ("sd", "sdxl")
 
     def __init__(
         self,
