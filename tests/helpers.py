@@ -44,3 +44,19 @@ def run_nulltext(*args: str, cwd: Path, env: dict | None = None) -> subprocess.C
     """The real command line in a subprocess, offline, run to its end."""
     command, environment = nulltext_command(*args, env=env)
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=1200)
+
+
+def assert_reconstruct_reproduces(run_dir: Path, image_id: str, output_dir: Path) -> None:
+    """`nulltext reconstruct` of a run's artifact equals the reconstruction panel the run saved, bit
+    for bit, and is neither the input nor (unless the method is exact) the VAE image."""
+    import numpy as np
+    from PIL import Image
+
+    from nulltext.cli import run_reconstruction
+
+    in_run = np.asarray(Image.open(run_dir / "images" / f"{image_id}.png"))
+    width = in_run.shape[1] // 3
+    with composed("reconstruct", [f"artifact={run_dir / 'inversions' / (image_id + '.safetensors')}"], output_dir) as cfg:
+        rebuilt = np.asarray(Image.open(run_reconstruction(cfg)))
+    np.testing.assert_array_equal(rebuilt, in_run[:, 2 * width :])
+    assert np.abs(rebuilt.astype(int) - in_run[:, :width].astype(int)).mean() > 1

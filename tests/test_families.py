@@ -15,9 +15,9 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers import composed
+from helpers import assert_reconstruct_reproduces, composed
 from nulltext.api import invert, load_pipeline
-from nulltext.cli import prepare_inversion, run_inversion, run_reconstruction
+from nulltext.cli import prepare_inversion, run_inversion
 from nulltext.diffusion import Diffusion
 from nulltext.errors import ModelUnavailableError
 from nulltext.families import unpack
@@ -257,12 +257,7 @@ def test_family_methods_write_complete_metrics_and_reusable_artifacts(
     assert (image["inversion_unet_evaluations"], image["reconstruction_unet_evaluations"]) == (inversion_evaluations, reconstruction_evaluations)
     if method not in NO_PIVOT:
         assert len(image["latent_error"]["mse"]) == 5 and image["latent_error"]["mse"][0] == 0.0
-    in_run = np.asarray(Image.open(run_dir / "images" / f"{image['id']}.png"))
-    width = in_run.shape[1] // 3
-    with composed("reconstruct", [f"artifact={run_dir / 'inversions' / (image['id'] + '.safetensors')}"], tmp_path / "rec") as cfg:
-        rebuilt = np.asarray(Image.open(run_reconstruction(cfg)))
-    np.testing.assert_array_equal(rebuilt, in_run[:, 2 * width :])
-    assert np.abs(rebuilt.astype(int) - in_run[:, :width].astype(int)).mean() > 1
+    assert_reconstruct_reproduces(run_dir, image["id"], tmp_path / "rec")
 
 
 def test_sdxl_null_text_optimises_the_null_and_the_pooled_null_of_every_step(pipes, sample_images):
