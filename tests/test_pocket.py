@@ -733,3 +733,31 @@ def test_shipped_pocket_text_control_and_attention_as_recorded():
         for name, floor in evaluation.TEXT_CONTROL_TARGETS.items():
             assert high[f"object_{name}"] >= floor and high[f"object_{name}"] > low[f"object_{name}"], name
         assert loc["ratio"] >= evaluation.ATTENTION_RATIO_TARGET
+
+
+@needs_pocket
+def test_ship_check_reads_its_verdict_from_the_measurements(tmp_path):
+    """scripts/pocket_ship_check.py on the shipped stand-in against itself, 2 DDIM steps: each criterion
+    recomputed here from the evaluation's and edit_bench's own files; 2 attention scenes fall short of
+    the bar's 32, so it does not ship."""
+    import json
+
+    from nulltext.pocket import ship
+
+    status = ship.main(["--model", ship.pocket_path(), "--out", str(tmp_path), "--steps", "2", "--cases", "1", "--attention-images", "2", "--text-images", "2",
+                       "--edit-bench", "blend_resolution=8"])
+    result = json.loads((tmp_path / "ship_check.json").read_text())
+    rows = {r["criterion"]: r for r in result["criteria"]}
+    report = json.loads((tmp_path / "pocket_eval.json").read_text())
+    nti = json.loads((tmp_path / "edit_bench" / "edit_bench.json").read_text())["summary"]["null_text"]
+    reference = json.loads((Path(ship.pocket_path()) / "eval" / "pocket_eval.json").read_text())["text_control"]["guidance_7.5"]
+    assert rows["attention ratio"]["measured"] == report["attention_localisation"]["ratio"]
+    assert rows["attention ratio"]["holds"] is False  # 2 scenes < 32, whatever the ratio
+    gap = nti["recon_psnr"] - nti["background_psnr"]
+    assert rows["reconstruction minus background PSNR (dB)"] == {**rows["reconstruction minus background PSNR (dB)"], "measured": gap, "holds": gap <= 2.0}
+    assert rows["edit footprint"]["holds"] == (nti["footprint"] <= 0.15)
+    assert rows["null-text + P2P edit success"]["holds"] == (nti["success"] >= 0.8)
+    colour = report["text_control"]["guidance_7.5"]["object_colour"]
+    assert rows["text control @7.5, colour"]["holds"] == (colour >= reference["object_colour"])
+    assert result["ships"] is False and status == 1
+    assert "Verdict: does not ship." in (tmp_path / "ship_check.md").read_text()
