@@ -133,7 +133,7 @@ class FireFlowInversion(_MidpointSolver):
         u = u_mid of the previous step (first step: u(z, s));  u_mid = u(z + h/2 u, s + h/2)
         z' = z + h u_mid
 
-    Official (a fork of HolmesShuan/FireFlow, whose repository is not in the stored index):
+    Official code (HolmesShuan/FireFlow), read in a fork of it:
     cyteena/FireFlow-Fast-Inversion-of-Rectified-Flow-for-Image-Semantic-Editing@313f2475
     src/flux/sampling.py:185-248 (``denoise_fireflow``); guidance input 1 for inversion;
     src/inversion_reconstruction.sh reconstructs with 10 steps at guidance 1.
@@ -181,10 +181,11 @@ class RFInversion(InversionMethod):
     steps the reconstruction is y_0 whatever z_T: faithfulness traded against editability.
     1 model evaluation per step both ways (2 rows per step when SD3 samples with guidance).
 
-    Official: huggingface/diffusers@0036ae2a examples/community/pipeline_flux_rf_inversion.py,
-    ``RFInversionFluxPipeline.invert`` (Algorithm 1: ``gamma`` 0.5, 28 steps, source prompt "",
-    guidance 0) and ``__call__`` (Algorithm 2: the docstring example's eta 0.9, start 0, stop 0.38;
-    the signature's eta 1.0, stop 0.25).
+    Official: the authors' README (LituRout/RF-Inversion@07fd03e6 README.md) runs diffusers' community
+    pipeline, huggingface/diffusers@0036ae2a examples/community/pipeline_flux_rf_inversion.py:
+    ``RFInversionFluxPipeline.invert`` (Algorithm 1; source prompt "" and guidance 0 by default) and
+    ``__call__`` (Algorithm 2), with 28 steps, gamma 0.5, eta 0.9, start 0, stop 7/28 (= 0.25, also
+    the signature's stop; the signature's eta is 1.0, the docstring example's stop 0.38).
     """
 
     name = "rf_inversion"
@@ -197,7 +198,7 @@ class RFInversion(InversionMethod):
         gamma: float = 0.5,
         eta: float = 0.9,
         start_timestep: float = 0.0,
-        stop_timestep: float = 0.38,
+        stop_timestep: float = 0.25,
         source_guidance_scale: float = 0.0,
         extra_guidance_scales: Sequence[float] = (),
     ):
