@@ -61,9 +61,18 @@ class _MidpointSolver(InversionMethod):
         self.inversion_guidance_scale = check_float("inversion.inversion_guidance_scale", inversion_guidance_scale)
 
     @classmethod
+    def step(cls, velocity: Velocity, z: Tensor, t: float, h: float, carried: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """One step from time input ``t`` by sigma step ``h``: (z', what the next step reuses)."""
+        raise NotImplementedError
+
+    @classmethod
     def integrate(cls, velocity: Velocity, z: Tensor, steps: list[tuple[float, float]]) -> list[Tensor]:
         """The latents after each of ``steps`` (``intervals``), ``z`` first."""
-        raise NotImplementedError
+        latents, carried = [z], None
+        for t, h in steps:
+            z, carried = cls.step(velocity, z, t, h, carried)
+            latents.append(z)
+        return latents
 
     @torch.no_grad()
     def invert(
@@ -109,18 +118,11 @@ class RFSolverInversion(_MidpointSolver):
     name = "rf_solver"
 
     @classmethod
-    def step(cls, velocity: Velocity, z: Tensor, t: float, h: float) -> Tensor:
-        """One step from time input ``t`` by sigma step ``h`` (sampling.py:107-134)."""
+    def step(cls, velocity, z, t, h, carried):
+        """Both velocities evaluated afresh, nothing carried (sampling.py:107-134)."""
         u = velocity(z, t)
         u_mid = velocity(z + h / 2 * u, t + 1000 * h / 2)
-        return z + h * u + 0.5 * h**2 * ((u_mid - u) / (h / 2))
-
-    @classmethod
-    def integrate(cls, velocity, z, steps):
-        latents = [z]
-        for t, h in steps:
-            latents.append(cls.step(velocity, latents[-1], t, h))
-        return latents
+        return z + h * u + 0.5 * h**2 * ((u_mid - u) / (h / 2)), None
 
 
 class FireFlowInversion(_MidpointSolver):
@@ -142,20 +144,11 @@ class FireFlowInversion(_MidpointSolver):
     name = "fireflow"
 
     @classmethod
-    def step(cls, velocity: Velocity, z: Tensor, t: float, h: float, u: Tensor | None) -> tuple[Tensor, Tensor]:
-        """One step; ``u`` the carried velocity (None: evaluate it). Returns (z', u_mid) (sampling.py:216-246)."""
-        if u is None:
-            u = velocity(z, t)
+    def step(cls, velocity, z, t, h, carried):
+        """The previous step's midpoint velocity as this one's start (evaluated when None); carries u_mid (sampling.py:216-246)."""
+        u = velocity(z, t) if carried is None else carried
         u_mid = velocity(z + h / 2 * u, t + 1000 * h / 2)
         return z + h * u_mid, u_mid
-
-    @classmethod
-    def integrate(cls, velocity, z, steps):
-        latents, u = [z], None
-        for t, h in steps:
-            z, u = cls.step(velocity, latents[-1], t, h, u)
-            latents.append(z)
-        return latents
 
 
 class RFInversion(InversionMethod):
