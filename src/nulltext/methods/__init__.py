@@ -9,6 +9,7 @@ from nulltext.methods.baselines import DDIMInversion, FlowInversion, NegativePro
 from nulltext.methods.denoising import NullTextNoPivot, TextualInversion
 from nulltext.methods.exact import BDIAInversion, EDICTInversion
 from nulltext.methods.fixed_point import FixedPointInversion, ReNoiseInversion
+from nulltext.methods.flow_solvers import FireFlowInversion, RFInversion, RFSolverInversion
 from nulltext.methods.global_null_text import GlobalNullTextInversion
 from nulltext.methods.pnp import DirectInversion, ProximalNegativePromptInversion
 from nulltext.methods.null_text import NullTextInversion, RandomCaptionNullText, RandomPivotNullText, TextualInversionPivot
@@ -35,6 +36,9 @@ METHODS: dict[str, type[InversionMethod]] = {
         DirectInversion,
         ProximalNegativePromptInversion,
         ReNoiseInversion,
+        RFInversion,
+        RFSolverInversion,
+        FireFlowInversion,
     )
 }
 
