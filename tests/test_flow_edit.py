@@ -266,3 +266,19 @@ def test_flow_models_refuse_prompt_to_prompt_and_others_refuse_flowedit_in_one_l
     with composed("edit", ["model=tiny_sd3", f"caption={SOURCE}", f"prompts=[{TARGET}]", "mode=flowedit"], tmp_path / "d") as cfg:
         with pytest.raises(EditError, match="FlowEdit.*edits the image itself, without an inversion: give image=<file>"):
             check_edit(cfg)
+
+
+def test_flowedit_takes_an_artifacts_caption_model_and_sampler_and_prompt_to_prompt_refuses_it(photo_file, tmp_path):
+    run_dir = tmp_path / "run"
+    with composed("config", ["model=tiny_sd3", "inversion=uniinv", "diffusion.num_inference_steps=3", "data.limit=1", "logger=csv"], run_dir) as cfg:
+        image_id = run_inversion(cfg)["images"][0]["id"]
+    artifact = f"artifact={run_dir / 'inversions' / (image_id + '.safetensors')}"
+    with composed("edit", [artifact, f"image={photo_file}", f"prompts=[{TARGET}]", "mode=flowedit"], tmp_path / "edit") as cfg:
+        metrics = run_edit(cfg)
+    settings = json.loads((tmp_path / "edit" / "settings.json").read_text())
+    caption = json.loads((run_dir / "inversions" / (image_id + ".json")).read_text())["prompt"]
+    assert metrics["source_prompt"] == settings["source_prompt"] == caption != SOURCE
+    assert settings["num_inference_steps"] == 3 and settings["edit"]["denoiser_evaluations"] == 3 * 4  # the artifact's sampler
+    with composed("edit", [artifact, f"prompts=[{TARGET}]"], tmp_path / "p2p") as cfg:
+        with pytest.raises(SettingError, match="this is a sd3 model: edit it with FlowEdit"):
+            run_edit(cfg)

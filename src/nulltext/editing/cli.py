@@ -147,7 +147,7 @@ def _load_source(cfg: DictConfig, output_dir: Path):
     return diffusion, result.inversion, record, image, {"image": str(cfg.image), "caption": cfg.caption, "artifact": str(artifact.with_suffix(".safetensors"))}
 
 
-def _flowedit(cfg: DictConfig, prompts: list[str], settings) -> tuple:
+def _flowedit(cfg: DictConfig, prompts: list[str], settings: "EditSettings") -> tuple:
     """FlowEdit of ``image``: (diffusion, record, input image uint8 [3,H,W], description of the source, EditOutput)."""
     from hydra.utils import instantiate
 
