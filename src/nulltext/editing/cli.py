@@ -5,6 +5,7 @@
     nulltext edit artifact=... prompts='["a photo of a fluffy cat"]' mode=refine
     nulltext edit artifact=... prompts='["a photo of a cat"]' mode=reweight reweight='{cat: 2.0}'
     nulltext edit artifact=... prompts='["a photo of a dog"]' mode=sdedit strength=0.5
+    nulltext edit model=sd3 image=cat.jpg caption="a photo of a cat" prompts='["a photo of a dog"]' mode=flowedit
     nulltext attention artifact=... [prompt="a photo of a cat"]
 
 The task functions :func:`run_edit` and :func:`run_attention` take a composed config and are what
@@ -49,12 +50,33 @@ def check_edit(cfg: DictConfig) -> tuple[list[str], "EditSettings"]:
     for prompt in prompts:
         check_text("prompts", prompt)
     settings = EditSettings.from_dict({k: plain(cfg[k]) for k in SETTING_KEYS if k in cfg})
-    if not cfg.get("artifact"):
+    if settings.mode == "flowedit":
+        _check_flowedit(cfg)
+    elif not cfg.get("artifact"):
         if not (cfg.get("image") and cfg.get("caption")):
             raise EditError("give artifact=<run>/inversions/<id>.safetensors, or image=<file> caption=<text> to invert first")
         check_text("caption", cfg.caption)
         check_methods(cfg, {cfg.method: method_options(cfg.get("method_options"))})
     return prompts, settings
+
+
+def _check_flowedit(cfg: DictConfig) -> None:
+    """FlowEdit edits the image file itself: with its caption and the config's model, or with an artifact's caption, model and sampler."""
+    from nulltext.diffusion import check_sampler_config
+    from nulltext.editing.errors import EditError
+    from nulltext.models import model_shape
+
+    if not cfg.get("image") or not (cfg.get("artifact") or cfg.get("caption")):
+        raise EditError(
+            "mode=flowedit (FlowEdit) edits the image itself, without an inversion: give image=<file> caption=<source prompt> "
+            "(or image=<file> artifact=<inversion> for its caption, model and sampler)"
+        )
+    if not cfg.get("artifact"):
+        check_text("caption", cfg.caption)
+        shape = model_shape(cfg.model)
+        if shape is not None:
+            check_editable_family(shape.family, "flowedit")
+        check_sampler_config(cfg.diffusion, shape.max_steps if shape else 999)
 
 
 def check_attention(cfg: DictConfig) -> None:
@@ -125,6 +147,37 @@ def _load_source(cfg: DictConfig, output_dir: Path):
     return diffusion, result.inversion, record, image, {"image": str(cfg.image), "caption": cfg.caption, "artifact": str(artifact.with_suffix(".safetensors"))}
 
 
+def _flowedit(cfg: DictConfig, prompts: list[str], settings: "EditSettings") -> tuple:
+    """FlowEdit of ``image``: (diffusion, record, input image uint8 [3,H,W], description of the source, EditOutput)."""
+    from hydra.utils import instantiate
+
+    from nulltext.artifacts import open_artifact
+    from nulltext.data import load_image
+    from nulltext.editing.flowedit import PUBLISHED, flowedit
+    from nulltext.families import family_of
+    from nulltext.models import pipeline_resolution, resolve_device
+
+    device = resolve_device(cfg.get("device"))
+    if cfg.get("artifact"):
+        given = {key: cfg[key] if given_on_command_line(key) else None for key in ("model", "diffusion")}
+        inversion, record, diffusion = open_artifact(cfg.artifact, device, given["model"], given["diffusion"])
+        check_editable_family(diffusion.family.name, "flowedit")
+        caption, source = inversion.prompts[0], {"artifact": str(cfg.artifact), "image": str(cfg.image)}
+    else:
+        pipe = instantiate(cfg.model).to(device)
+        family = family_of(pipe).name
+        check_editable_family(family, "flowedit")
+        # The official step count (SD3 50, FLUX 28) unless the command line sets one.
+        steps = {} if given_on_command_line("diffusion.num_inference_steps") else {"num_inference_steps": PUBLISHED[family]["num_steps"]}
+        diffusion = instantiate(cfg.diffusion, pipe=pipe, **steps)
+        caption, source = cfg.caption, {"image": str(cfg.image), "caption": cfg.caption}
+        record = {"model_config": plain(cfg.model), "diffusion_config": {**plain(cfg.diffusion), **steps}}
+    image = load_image(cfg.image, pipeline_resolution(diffusion.pipe))
+    options = {key: getattr(settings, key) for key in ("n_max", "n_avg", "src_guidance_scale", "tar_guidance_scale")}
+    out = flowedit(diffusion, diffusion.encode_images(image.unsqueeze(0)), caption, prompts, seed=cfg.seed, **options)
+    return diffusion, {**record, "method": {"name": "flowedit"}}, image, source, out
+
+
 def run_edit(cfg: DictConfig) -> dict:
     """Edit one inverted image; writes grid.png, reconstruction.png, edits/, masks/, metrics.json, settings.json."""
     from nulltext.editing.edit import edit
@@ -136,8 +189,11 @@ def run_edit(cfg: DictConfig) -> dict:
 
     prompts, settings = check_edit(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    diffusion, inversion, record, image, source = _load_source(cfg, output_dir)
-    out = edit(diffusion, inversion, prompts, settings)
+    if settings.mode == "flowedit":
+        diffusion, record, image, source, out = _flowedit(cfg, prompts, settings)
+    else:
+        diffusion, inversion, record, image, source = _load_source(cfg, output_dir)
+        out = edit(diffusion, inversion, prompts, settings)
 
     size = tuple(out.images.shape[-2:])
     if cfg.get("mask"):

@@ -34,7 +34,7 @@ from nulltext.methods import Inversion, method_class
 from nulltext.reconstruction import to_uint8
 from nulltext.validation import SettingError, check_choice, check_float, check_int, check_probability, check_text
 
-MODES = ("replace", "refine", "reweight", "sdedit", "none")
+MODES = ("replace", "refine", "reweight", "sdedit", "none", "flowedit")
 
 
 @dataclass
@@ -55,6 +55,8 @@ class EditSettings:
         side nearest a quarter of the latent side (16 on SD, as the official code); small models
         need a finer one (8 on the pocket model's 8x8 latents, where a quarter is a 4x4 map).
     strength: SDEdit's fraction of the steps that are re-sampled with the target prompt.
+    n_max, n_avg, src_guidance_scale, tar_guidance_scale: FlowEdit's settings (``mode=flowedit``, SD3
+        and FLUX: :mod:`nulltext.editing.flowedit`); None: the published value of the model's family.
 
     Allowed values (:meth:`validate`, one :class:`~nulltext.validation.SettingError` line each):
     windows are fractions in [0, 1] or pairs [start, end] with 0 <= start <= end <= 1;
@@ -73,6 +75,10 @@ class EditSettings:
     blend_resolution: int | None = None
     self_replace_max_tokens: int = 16**2
     strength: float = 0.6
+    n_max: int | None = None
+    n_avg: int = 1
+    src_guidance_scale: float | None = None
+    tar_guidance_scale: float | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EditSettings":
@@ -102,8 +108,14 @@ class EditSettings:
         if self.mode == "reweight" and not self.reweight:
             raise EditError("mode=reweight needs reweight={word: factor}")
         check_probability("strength", self.strength)
-        if self.mode == "sdedit" and (self.blend_words is not None or self.reweight):
-            raise EditError("mode=sdedit uses no attention control: drop blend_words and reweight, or pick another mode")
+        if self.mode in ("sdedit", "flowedit") and (self.blend_words is not None or self.reweight):
+            raise EditError(f"mode={self.mode} uses no attention control: drop blend_words and reweight, or pick another mode")
+        if self.n_max is not None:
+            check_int("n_max", self.n_max, 0)
+        check_int("n_avg", self.n_avg, 1)
+        for name in ("src_guidance_scale", "tar_guidance_scale"):
+            if getattr(self, name) is not None:
+                check_float(name, getattr(self, name))
         if self.blend_words is not None:
             words = [self.blend_words] if isinstance(self.blend_words, str) else self.blend_words
             entries = [w for entry in words for w in ([entry] if isinstance(entry, str) else entry)] if isinstance(words, Sequence) else []
@@ -137,9 +149,9 @@ def check_window(name: str, window: Any) -> None:
 
 
 def build_controller(settings: EditSettings) -> AttentionController | None:
-    """The controller stack for ``settings`` (None for modes ``none`` and ``sdedit``)."""
+    """The controller stack for ``settings`` (None for modes ``none``, ``sdedit`` and ``flowedit``)."""
     settings.validate()
-    if settings.mode in ("none", "sdedit"):
+    if settings.mode in ("none", "sdedit", "flowedit"):
         if settings.blend_words is not None and settings.mode == "none":
             return ControllerGroup(_local_blend(settings))
         return None
@@ -206,6 +218,8 @@ def edit(
     else:
         if controller_settings is not None:
             settings = controller_settings if isinstance(controller_settings, EditSettings) else EditSettings.from_dict(controller_settings)
+            if settings.mode == "flowedit":
+                raise EditError("mode=flowedit edits the image itself, not an inversion: nulltext.editing.flowedit.flowedit(diffusion, latents, ...)")
             if settings.mode == "sdedit":
                 return sdedit(diffusion, inversion, target_prompts, settings.strength, guidance_scale=guidance_scale)
         controller = build_controller(settings) if settings is not None else None

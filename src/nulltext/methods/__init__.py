@@ -14,6 +14,7 @@ from nulltext.methods.global_null_text import GlobalNullTextInversion
 from nulltext.methods.pnp import DirectInversion, ProximalNegativePromptInversion
 from nulltext.methods.null_text import NullTextInversion, RandomCaptionNullText, RandomPivotNullText, TextualInversionPivot
 from nulltext.methods.reference import OfficialNullTextInversion
+from nulltext.methods.uniinv import UniInversion
 
 METHODS: dict[str, type[InversionMethod]] = {
     cls.name: cls
@@ -41,6 +42,7 @@ METHODS: dict[str, type[InversionMethod]] = {
         FireFlowInversion,
     )
 }
+METHODS[UniInversion.name] = UniInversion
 
 
 def method_class(name: str | None) -> type[InversionMethod]:
