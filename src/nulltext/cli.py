@@ -161,7 +161,6 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
 
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
-    from nulltext.families import FAMILIES
     from nulltext.methods import not_applicable_reason
     from nulltext.report import read_metrics
     from nulltext.runner import InversionModule, check_same_settings
@@ -174,7 +173,6 @@ def run_inversion(cfg: DictConfig) -> dict:
         "data": choice("data"),
         "resolution": resolution,
         "family": run.family,
-        "sampler": FAMILIES[run.family].sampler,
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),
         "diffusion_config": OmegaConf.to_container(cfg.diffusion, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -344,12 +344,14 @@ def write_comparison_csv(rows: list[dict], path: Path) -> None:
 
 def setting_line(jobs: list[dict]) -> str:
     """What the jobs ran on, e.g. "model pocket, data samples (9 images, 32 px), 50 DDIM steps" (jobs
-    that did not run, ``not_applicable``, left out; older metrics.json files name no sampler: DDIM)."""
+    that did not run, ``not_applicable``, left out; older metrics.json files name no family: SD's)."""
+    from nulltext.families import FAMILIES
+
     parts = []
     for job in (j for j in jobs if not j.get("not_applicable")):
         steps = job.get("config", {}).get("diffusion", {}).get("num_inference_steps")
         images = len(job["images"])
-        part = f"model {job.get('model')}, data {job.get('data')} ({images} images, {job.get('resolution')} px), {steps} {job.get('sampler', 'DDIM')} steps"
+        part = f"model {job.get('model')}, data {job.get('data')} ({images} images, {job.get('resolution')} px), {steps} {FAMILIES[job.get('family', 'sd')].sampler} steps"
         if part not in parts:
             parts.append(part)
     return "; ".join(parts)
