@@ -234,3 +234,17 @@ def test_compare_methods_on_another_family_runs_its_methods_and_lists_the_others
         assert (rows[method]["psnr_mean"] == "") == bool(reason)
         assert (f"| {PAPER_NAMES[method]} | - | not applicable: {reason} | - |" in table) == bool(reason)
     assert float(rows[methods[2]]["unet_inversion"]) == 2  # the w = 1 inversion: one call per step
+
+
+def test_compare_methods_compares_inversions_on_every_family():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from nulltext.families import FAMILIES
+    from nulltext.methods import METHODS
+
+    experiment = Path(__file__).resolve().parents[1] / "conf/experiment/compare_methods.yaml"
+    swept = OmegaConf.load(experiment).hydra.sweeper.params.inversion.split(",")
+    for family in FAMILIES:
+        assert [m for m in swept if m != "vae" and family in METHODS[m].families], f"nothing to compare with the VAE bound on {family} models"
