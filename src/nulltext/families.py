@@ -95,7 +95,7 @@ class Family:
     name: ClassVar[str]
     pipeline: ClassVar[type[DiffusionPipeline]]
     denoiser_name: ClassVar[str] = "unet"
-    # The sampler its schedule steps (what a method's "inverts DDIM" or "inverts the flow" is about).
+    # The sampler its schedule steps, by name (the reasons of nulltext.methods.not_applicable_reason).
     sampler: ClassVar[str] = "DDIM"
     # False for FLUX: guidance is an input of the model, there is no unconditional branch to combine.
     classifier_free: ClassVar[bool] = True

@@ -10,7 +10,8 @@ Reads every job's ``metrics.json`` below the directory (no recomputation) and wr
   image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
   it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
   ``comparison.md`` / ``.csv`` (one row per job: the reconstruction's guidance scale, PSNR, PSNR below the VAE bound, LPIPS, SSIM, seconds, UNet evaluations of
-  the inversion and of the reconstruction, and peak memory per image). When the directory also holds
+  the inversion and of the reconstruction, and peak memory per image; a method that does not run on
+  the model's family: "not applicable" and the reason). When the directory also holds
   one ``nulltext edit_bench`` result (``edit_bench.json``), its edit success, background PSNR and
   LPIPS and seconds per edit join the row of each job whose model, sampler and method settings it
   ran exactly (others show "-");
