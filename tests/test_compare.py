@@ -132,7 +132,7 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     assert [r["guidance_scale"] for r in rows] == ["", "7.5", "7.5", "7.5", "7.5", "2.0"]
     joined = {1: "ddim", 4: "null_text"}  # row index -> the benchmark's method
     for i, row in enumerate(rows):
-        measured = {k: v for k, v in row.items() if k not in {*edit_keys, "guidance_scale"}}
+        measured = {k: v for k, v in row.items() if k not in {*edit_keys, "guidance_scale", "not_applicable"}}
         assert all(value not in ("", "nan", "None") for value in measured.values()), row
         assert row["images"] == "2"
         if i in joined:
@@ -149,7 +149,7 @@ def test_compare_methods_then_report_gives_a_complete_row_per_method_and_the_bud
     assert table.startswith("Reconstruction: model tiny, data samples (2 images, ") and ", 2 DDIM steps." in table.splitlines()[0]
     for method in methods[:3]:
         assert sum(line.startswith(f"| {PAPER_NAMES[method]} |") for line in table.splitlines()) == 1
-    assert "n/a" not in table
+    assert "n/a" not in table and "not applicable" not in table and all(r["not_applicable"] == "" for r in rows)
     success = f"{100 * float(bench['null_text']['success']):.0f}%"
     null_text_rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| Null-text (per step) (")]
     assert [r[-4] for r in null_text_rows] == ["-", success] and "edit_bench/edit_bench.json" in table
@@ -161,11 +161,90 @@ def test_make_compare_edits_with_every_compared_method_that_has_prompt_to_prompt
 
     from omegaconf import OmegaConf
 
-    from nulltext.methods import VAEReconstruction, make_method
+    from nulltext.methods import METHODS, VAEReconstruction, make_method
 
     root = Path(__file__).resolve().parents[1]
     swept = OmegaConf.load(root / "conf/experiment/compare_methods.yaml").hydra.sweeper.params.inversion.split(",")
     editing = re.search(r"^EDITING := (\S+)$", (root / "Makefile").read_text(), re.M)[1].split(",")
-    editable = [m for m in swept if not isinstance(make_method(m), VAEReconstruction) and make_method(m).editable]
+    # The edit benchmark runs on SD models only (nulltext.apps.check_editable_family).
+    editable = [m for m in swept if not isinstance(make_method(m), VAEReconstruction) and make_method(m).editable and "sd" in METHODS[m].families]
     assert editing == editable
     assert f"methods='[{','.join(editable)}]'" in (root / "conf/experiment/compare_methods.yaml").read_text()
+
+
+def test_a_method_of_another_family_is_recorded_as_not_applicable_before_any_model_loads(tmp_path):
+    from nulltext.methods import METHODS, not_applicable_reason
+    from nulltext.report import read_metrics
+    from nulltext.validation import SettingError
+
+    run = ["model=tiny_sd3", "inversion=ddim", "data.limit=1", "logger=none"]
+    reason = not_applicable_reason(METHODS["ddim"], "sd3")
+    with composed("config", run, tmp_path / "plain") as cfg, pytest.raises(SettingError, match=f"\\(ddim: {reason}\\)$"):
+        run_inversion(cfg)  # a plain run stops with one line, as before
+    with composed("config", [*run, "not_applicable=skip"], tmp_path / "bad") as cfg, pytest.raises(SettingError, match="not_applicable='skip'"):
+        run_inversion(cfg)
+    with composed("config", [*run, "not_applicable=record"], tmp_path / "record") as cfg:
+        run_inversion(cfg)
+    metrics = read_metrics(tmp_path / "record" / "metrics.json")
+    assert (metrics["method"], metrics["family"], metrics["not_applicable"]) == ("ddim", "sd3", reason)
+    assert metrics["images"] == [] and metrics["num_images"] == metrics["num_failed"] == 0
+    assert sorted(p.name for p in (tmp_path / "record").iterdir()) == ["metrics.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model, family, methods, sampler",
+    [
+        ("tiny_xl", "sdxl", ["vae", "null_text_global", "ddim", "flow_inversion"], "DDIM"),
+        ("tiny_sd3", "sd3", ["vae", "ddim", "flow_inversion", "null_text"], "rectified-flow Euler"),
+    ],
+)
+def test_compare_methods_on_another_family_runs_its_methods_and_lists_the_others_with_the_reason(tmp_path, model, family, methods, sampler):
+    import math
+
+    from nulltext.methods import METHODS, not_applicable_reason
+    from nulltext.report import PAPER_NAMES, build_report, read_metrics
+
+    sweep = tmp_path / "sweep"
+    result = run_nulltext("experiment=compare_methods", f"model={model}", "diffusion.num_inference_steps=2", "data.limit=1", "logger=none",
+                          f"hydra.sweeper.params.inversion='{','.join(methods)}'", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nulltext: error" not in result.stderr
+    reasons = {m: not_applicable_reason(METHODS[m], family) for m in methods}
+    assert [m for m in methods if reasons[m] is None] == ["vae", methods[2]]
+
+    summary = result.stdout[result.stdout.rindex("\nmethod ") :]  # the sweep's table, after each job's own
+    assert [line.split()[0] for line in summary.strip().splitlines()[2:6]] == methods
+    for method, reason in reasons.items():
+        assert (f"{method}: not applicable to {family} models: {reason}" in summary) == (reason is not None)
+    jobs = {m["method"]: m for m in map(read_metrics, sweep.glob("*/metrics.json"))}
+    for method, reason in reasons.items():
+        job = jobs[method]
+        assert (job["family"], job.get("not_applicable")) == (family, reason)
+        assert job["num_images"] == (0 if reason else 1) and all(r["status"] == "ok" for r in job["images"])
+        assert math.isfinite(job["psnr_mean"]) != bool(reason)
+
+    build_report(sweep)
+    rows = {r["method"]: r for r in csv.DictReader((sweep / "report" / "comparison.csv").open())}
+    assert list(rows) == methods
+    table = (sweep / "report" / "comparison.md").read_text()
+    assert table.splitlines()[0].endswith(f"(1 images, 64 px), 2 {sampler} steps.")
+    for method, reason in reasons.items():
+        assert rows[method]["not_applicable"] == (reason or "")
+        assert (rows[method]["psnr_mean"] == "") == bool(reason)
+        assert (f"| {PAPER_NAMES[method]} | - | not applicable: {reason} | - |" in table) == bool(reason)
+    assert float(rows[methods[2]]["unet_inversion"]) == 2  # the w = 1 inversion: one call per step
+
+
+def test_compare_methods_compares_inversions_on_every_family():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from nulltext.families import FAMILIES
+    from nulltext.methods import METHODS
+
+    experiment = Path(__file__).resolve().parents[1] / "conf/experiment/compare_methods.yaml"
+    swept = OmegaConf.load(experiment).hydra.sweeper.params.inversion.split(",")
+    for family in FAMILIES:
+        assert [m for m in swept if m != "vae" and family in METHODS[m].families], f"nothing to compare with the VAE bound on {family} models"

@@ -61,6 +61,7 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"{m['method']}: not applicable to {m.get('family')} models: {m['not_applicable']}" for m in rows if m.get("not_applicable")]
     return "\n".join(lines)
 
 
@@ -78,6 +79,7 @@ class PreparedInversion:
     resolution: int
     loggers: list
     trainer: L.Trainer
+    family: str  # the model's (a nulltext.families.FAMILIES key)
     pipe: Any = None  # already loaded only for a model constructor whose shape its config does not tell
 
 
@@ -106,7 +108,8 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     """Check every setting of ``nulltext`` and build what needs no model weights (the first step of :func:`run_inversion`).
 
     Seed and LPIPS net; the model's shape from its config files (:func:`nulltext.models.model_shape`);
-    the sampler's settings against it; the method (its constructor checks its settings); the image
+    the sampler's settings against it; the method (its constructor checks its settings) and, unless
+    ``not_applicable=record``, that it runs on the model's family; the image
     resolution (a multiple of the model's VAE factor); the data module (its dataset's settings and
     files); the loggers and the trainer. Any bad value raises a NulltextError (one line).
     """
@@ -120,6 +123,7 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
     check_seed("seed", cfg.seed)
     check_choice("lpips_net", cfg.lpips_net, LPIPS_NETS)
     check_text("task_name", cfg.task_name)
+    check_choice("not_applicable", cfg.not_applicable, ("error", "record"))
     pipe = None
     try:
         shape = model_shape(cfg.model)
@@ -133,7 +137,8 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
         shape = pipeline_shape(pipe)
     check_sampler_config(cfg.diffusion, shape.max_steps)
     method = instantiate(cfg.inversion)
-    check_family(method, shape.family)
+    if cfg.not_applicable == "error":
+        check_family(method, shape.family)
     resolution = cfg.data.get("resolution")
     resolution = check_multiple("data.resolution", shape.resolution if resolution is None else resolution, shape.vae_factor)
     datamodule = instantiate(cfg.data, resolution=resolution)
@@ -151,11 +156,12 @@ def prepare_inversion(cfg: DictConfig) -> PreparedInversion:
         if not isinstance(error.__cause__, MisconfigurationException):
             raise
         raise SettingError(f"the trainer settings cannot run here: {' '.join(str(error.__cause__).split())}") from None
-    return PreparedInversion(method, datamodule, resolution, loggers, trainer, pipe)
+    return PreparedInversion(method, datamodule, resolution, loggers, trainer, shape.family, pipe)
 
 
 def run_inversion(cfg: DictConfig) -> dict:
     """Invert the dataset of ``cfg.data`` with ``cfg.inversion`` on ``cfg.model``; returns metrics.json's content."""
+    from nulltext.methods import not_applicable_reason
     from nulltext.report import read_metrics
     from nulltext.runner import InversionModule, check_same_settings
 
@@ -166,11 +172,15 @@ def run_inversion(cfg: DictConfig) -> dict:
         "model": choice("model") or str(cfg.model.get("path", cfg.model._target_)),
         "data": choice("data"),
         "resolution": resolution,
+        "family": run.family,
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),
         "diffusion_config": OmegaConf.to_container(cfg.diffusion, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     check_same_settings(output_dir, record["config"])
+    reason = not_applicable_reason(method, run.family)
+    if reason is not None:
+        return record_not_applicable(output_dir, method, record, reason)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with resumable(output_dir):
         pipe = run.pipe if run.pipe is not None else instantiate(cfg.model)
@@ -195,6 +205,31 @@ def run_inversion(cfg: DictConfig) -> dict:
         first = metrics["images"][0]
         raise NulltextError(f"every image of the run failed ({len(metrics['images'])}; {first['id']}: {first.get('error')}); see {output_dir / 'metrics.json'}")
     return metrics
+
+
+def record_not_applicable(output_dir: Path, method: Any, record: dict, reason: str) -> dict:
+    """metrics.json of a method that does not run on the model's family (``not_applicable=record``): no
+    images, NaN means (as when every image failed) and the reason, which the summary tables show."""
+    from nulltext.io import atomic_write_json
+    from nulltext.provenance import provenance
+    from nulltext.report import read_metrics
+    from nulltext.runner import MEAN_KEYS
+
+    metrics = {
+        "method": method.name,
+        "method_config": method.config(),
+        **record,
+        "not_applicable": reason,
+        **{f"{key}_mean": math.nan for key in MEAN_KEYS},
+        "num_images": 0,
+        "num_failed": 0,
+        "images": [],
+        **provenance(),
+    }
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    print(format_table([metrics]))
+    print(f"outputs: {output_dir}")
+    return read_metrics(output_dir / "metrics.json")
 
 
 def check_reconstruction(cfg: DictConfig) -> None:

@@ -95,6 +95,8 @@ class Family:
     name: ClassVar[str]
     pipeline: ClassVar[type[DiffusionPipeline]]
     denoiser_name: ClassVar[str] = "unet"
+    # The sampler its schedule steps, by name (the reasons of nulltext.methods.not_applicable_reason).
+    sampler: ClassVar[str] = "DDIM"
     # False for FLUX: guidance is an input of the model, there is no unconditional branch to combine.
     classifier_free: ClassVar[bool] = True
 
@@ -200,6 +202,7 @@ class StableDiffusion3(Family):
     name = "sd3"
     pipeline = StableDiffusion3Pipeline
     denoiser_name = "transformer"
+    sampler = "rectified-flow Euler"
     # StableDiffusion3Pipeline.__call__'s max_sequence_length
     T5_LENGTH = 256
 
@@ -258,6 +261,7 @@ class Flux(Family):
     name = "flux"
     pipeline = FluxPipeline
     denoiser_name = "transformer"
+    sampler = "rectified-flow Euler"
     classifier_free = False
     # FluxPipeline.__call__'s max_sequence_length
     T5_LENGTH = 512

@@ -10,7 +10,8 @@ Reads every job's ``metrics.json`` below the directory (no recomputation) and wr
   image, each job a point with +-1 std bars on both axes, a method's points joined into a curve when
   it ran with several budgets or recorded a curve inside its run, the VAE bound as a line) and
   ``comparison.md`` / ``.csv`` (one row per job: the reconstruction's guidance scale, PSNR, PSNR below the VAE bound, LPIPS, SSIM, seconds, UNet evaluations of
-  the inversion and of the reconstruction, and peak memory per image). When the directory also holds
+  the inversion and of the reconstruction, and peak memory per image; a method that does not run on
+  the model's family: "not applicable" and the reason). When the directory also holds
   one ``nulltext edit_bench`` result (``edit_bench.json``), its edit success, background PSNR and
   LPIPS and seconds per edit join the row of each job whose model, sampler and method settings it
   ran exactly (others show "-");
@@ -54,6 +55,7 @@ PAPER_NAMES = {
     "bdia": "BDIA",
     "renoise": "ReNoise",
     "fixed_point": "Fixed-point inversion",
+    "flow_inversion": "Flow inversion (reverse Euler)",
 }
 BOUNDS = ("vae", "ddim")
 
@@ -233,7 +235,7 @@ def edit_summary(job: dict, bench: dict | None) -> dict | None:
 def reconstruction_guidance(job: dict) -> float | None:
     """The guidance scale the job's reconstruction sampled at: the method's own (methods that must
     invert and sample at one scale carry it) or the sampler's; None for the VAE bound (no sampling)."""
-    if job["method"] == "vae":
+    if job["method"] == "vae" or job.get("not_applicable"):
         return None
     own = (job.get("method_config") or {}).get("guidance_scale")
     return float(own if own is not None else job.get("config", {}).get("diffusion", {}).get("guidance_scale"))
@@ -271,6 +273,7 @@ def comparison_rows(jobs: list[dict], bench: dict | None = None) -> list[dict]:
         first.setdefault(job["method"], len(first))
     rows = [
         {"label": label, "method": job["method"], "images": len(ok_images(job)), "peak_memory": job.get("peak_memory"),
+         "not_applicable": job.get("not_applicable"),
          "edit": edit_summary(job, bench), "guidance": reconstruction_guidance(job),
          **{key: image_stats(job, key) for key in ("iterations", *[c[2] for c in COMPARISON_COLUMNS])}}
         for label, job in zip(labels, jobs)
@@ -299,6 +302,8 @@ def comparison_markdown(rows: list[dict], bench: dict | None = None, setting: st
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         cells = [cell(row[key], decimals, std) for _, _, key, decimals, std in COMPARISON_COLUMNS]
+        if row["not_applicable"]:
+            cells = [f"not applicable: {row['not_applicable']}", *["-"] * (len(cells) - 1)]
         edits = [edit_cell(row["edit"], key, fmt) for _, _, key, fmt in edit_columns]
         guidance = "-" if row["guidance"] is None else f"{row['guidance']:g}"
         lines.append(f"| {row['label']} | {guidance} | " + " | ".join([*cells, str(row["images"]), *edits]) + " |")
@@ -327,24 +332,27 @@ def write_comparison_csv(rows: list[dict], path: Path) -> None:
     header = ["variant", "method", "guidance_scale"]
     for _, name, _, _, with_std in COMPARISON_COLUMNS:
         header += [f"{name}_mean", f"{name}_std"] if with_std else [name]
-    writer.writerow([*header, "images", "peak_memory_definition", *[c[1] for c in EDIT_COLUMNS]])
+    writer.writerow([*header, "images", "peak_memory_definition", *[c[1] for c in EDIT_COLUMNS], "not_applicable"])
     for row in rows:
         values = []
         for _, _, key, _, with_std in COMPARISON_COLUMNS:
             stats = row[key] or (None, None)
             values += list(stats) if with_std else [stats[0]]
         edits = [row["edit"][key] if row["edit"] else None for _, _, key, _ in EDIT_COLUMNS]
-        writer.writerow([row["label"], row["method"], row["guidance"], *values, row["images"], row["peak_memory"], *edits])
+        writer.writerow([row["label"], row["method"], row["guidance"], *values, row["images"], row["peak_memory"], *edits, row["not_applicable"]])
     atomic_write_text(path, buffer.getvalue())
 
 
 def setting_line(jobs: list[dict]) -> str:
-    """What the jobs ran on, e.g. "model pocket, data samples (9 images, 32 px), 50 DDIM steps"."""
+    """What the jobs ran on, e.g. "model pocket, data samples (9 images, 32 px), 50 DDIM steps" (jobs
+    that did not run, ``not_applicable``, left out; older metrics.json files name no family: SD's)."""
+    from nulltext.families import FAMILIES
+
     parts = []
-    for job in jobs:
+    for job in (j for j in jobs if not j.get("not_applicable")):
         steps = job.get("config", {}).get("diffusion", {}).get("num_inference_steps")
         images = len(job["images"])
-        part = f"model {job.get('model')}, data {job.get('data')} ({images} images, {job.get('resolution')} px), {steps} DDIM steps"
+        part = f"model {job.get('model')}, data {job.get('data')} ({images} images, {job.get('resolution')} px), {steps} {FAMILIES[job.get('family', 'sd')].sampler} steps"
         if part not in parts:
             parts.append(part)
     return "; ".join(parts)

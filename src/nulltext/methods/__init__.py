@@ -3,6 +3,7 @@
 import inspect
 
 from nulltext.errors import UnknownNameError
+from nulltext.families import FAMILIES
 from nulltext.validation import SettingError
 from nulltext.methods.base import Inversion, InversionMethod, image_seed
 from nulltext.methods.baselines import DDIMInversion, FlowInversion, NegativePromptInversion, VAEReconstruction
@@ -54,14 +55,43 @@ def method_class(name: str | None) -> type[InversionMethod]:
     return METHODS[name]
 
 
+def not_applicable_reason(method: InversionMethod | type[InversionMethod], family: str) -> str | None:
+    """Why ``method`` does not run on models of ``family`` (None: it does), in a few words.
+
+    The method's own reason (``not_applicable``, inherited along its classes), else a generic one:
+    the family's sampler is not the one the method inverts, or the method is not ported to it yet.
+    """
+    if family in method.families:
+        return None
+    cls = method if isinstance(method, type) else type(method)
+    for klass in cls.__mro__:
+        if family in vars(klass).get("not_applicable", {}):
+            return klass.not_applicable[family]
+    sampler, inverted = FAMILIES[family].sampler, dict.fromkeys(FAMILIES[f].sampler for f in method.families)
+    if sampler not in inverted:
+        return f"inverts {' and '.join(inverted)} sampling; {family.upper()} samples by {sampler}"
+    return f"not ported to {family.upper()} yet"
+
+
 def check_family(method: InversionMethod | type[InversionMethod], family: str) -> None:
-    """A :class:`SettingError` when ``method`` does not run on models of ``family`` (it names those that do)."""
+    """A :class:`SettingError` when ``method`` does not run on models of ``family`` (it names those that do, and why)."""
     if family not in method.families:
         others = [name for name, cls in METHODS.items() if family in cls.families]
         raise SettingError(
             f"inversion={method.name} does not run on {family} models (it runs on: {', '.join(method.families)}); "
-            f"the methods for {family} models are: {', '.join(others)}"
+            f"the methods for {family} models are: {', '.join(others)} ({method.name}: {not_applicable_reason(method, family)})"
         )
+
+
+def family_table() -> str:
+    """The README's family x method table (``scripts/family_table.py``): a row per method of
+    :data:`METHODS`, a column per family of :data:`~nulltext.families.FAMILIES`, each cell
+    "supported" or "n/a: " and :func:`not_applicable_reason`."""
+    lines = ["| method | " + " | ".join(FAMILIES) + " |", "|---|" + "---|" * len(FAMILIES)]
+    for name, cls in METHODS.items():
+        cells = [f"n/a: {reason}" if (reason := not_applicable_reason(cls, family)) else "supported" for family in FAMILIES]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def make_method(name: str, **overrides) -> InversionMethod:
@@ -85,4 +115,4 @@ def method_options(cls: type[InversionMethod]) -> list[str]:
     return []
 
 
-__all__ = ["METHODS", "Inversion", "InversionMethod", "check_family", "image_seed", "make_method", "method_class", "method_options", *[c.__name__ for c in METHODS.values()]]
+__all__ = ["METHODS", "Inversion", "InversionMethod", "check_family", "family_table", "image_seed", "make_method", "method_class", "method_options", "not_applicable_reason", *[c.__name__ for c in METHODS.values()]]

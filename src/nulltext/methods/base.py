@@ -14,6 +14,10 @@ from nulltext.diffusion import Diffusion, SamplingHooks
 from nulltext.validation import SettingError, check_float
 
 
+# Why the null-text paper's ablation baselines do not run on SDXL (their not_applicable entry).
+PAPER_ABLATION = "an ablation of the null-text paper (its Fig. 4), set up on SD only; null_text runs on SDXL"
+
+
 @dataclass
 class Inversion:
     """Everything needed to reconstruct (and later edit) a batch of B images.
@@ -95,6 +99,9 @@ class InversionMethod(ABC):
     # The model families (nulltext.families.FAMILIES) the method runs on; on another one a run stops
     # with one line before any model loads (nulltext.methods.check_family).
     families: ClassVar[tuple[str, ...]] = ("sd",)
+    # Why it does not run on a family it leaves out (family -> one short reason; subclasses inherit
+    # entries). A family not given here gets a generic reason (nulltext.methods.not_applicable_reason).
+    not_applicable: ClassVar[dict[str, str]] = {}
     # Whether ``nulltext edit`` can apply Prompt-to-Prompt to its inversions; if not, what to use.
     editable: ClassVar[bool] = True
     edit_instead: ClassVar[str] = ""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion, guide
-from nulltext.methods.base import Inversion, InversionMethod, Monitor
+from nulltext.methods.base import PAPER_ABLATION, Inversion, InversionMethod, Monitor
 from nulltext.validation import check_int, check_positive
 
 
@@ -29,6 +29,7 @@ class TextualInversion(InversionMethod):
     """
 
     name = "textual_inversion"
+    not_applicable = {"sdxl": PAPER_ABLATION}
     variable: Literal["uncond", "cond"] = "cond"
 
     def __init__(

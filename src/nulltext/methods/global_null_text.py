@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from nulltext.diffusion import Diffusion, guide
-from nulltext.methods.base import Inversion, InversionMethod, Monitor
+from nulltext.methods.base import PAPER_ABLATION, Inversion, InversionMethod, Monitor
 from nulltext.validation import check_int, check_positive, check_probability
 
 
@@ -25,6 +25,7 @@ class GlobalNullTextInversion(InversionMethod):
     """
 
     name = "null_text_global"
+    not_applicable = {"sdxl": PAPER_ABLATION}
 
     def __init__(
         self,

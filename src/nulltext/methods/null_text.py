@@ -11,7 +11,7 @@ from torch import Tensor
 
 from nulltext.diffusion import Diffusion, guide
 from nulltext.errors import CaptionError
-from nulltext.methods.base import Inversion, InversionMethod, Monitor, gaussian_like
+from nulltext.methods.base import PAPER_ABLATION, Inversion, InversionMethod, Monitor, gaussian_like
 from nulltext.validation import check_bool, check_choice, check_float, check_int, check_positive, check_probability
 
 Precision = Literal["float32", "bf16", "tf32"]
@@ -56,6 +56,7 @@ class NullTextInversion(InversionMethod):
 
     name = "null_text"
     families = ("sd", "sdxl")
+    not_applicable = {"flux": "FLUX-dev has no unconditional branch (guidance is an input of the model): no null embedding to optimise"}
     # Which embedding is optimised per step: the null text ("uncond") or the caption ("cond").
     variable: Literal["uncond", "cond"] = "uncond"
 
@@ -206,6 +207,7 @@ class RandomPivotNullText(NullTextInversion):
 
     name = "random_pivot"
     families = ("sd",)
+    not_applicable = {"sdxl": PAPER_ABLATION}
 
     def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, null: Tensor, seeds: list[int]) -> Tensor:
         noise = gaussian_like(z0, seeds)
@@ -218,6 +220,7 @@ class RandomCaptionNullText(NullTextInversion):
 
     name = "random_caption"
     families = ("sd",)
+    not_applicable = {"sdxl": PAPER_ABLATION}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -244,4 +247,5 @@ class TextualInversionPivot(NullTextInversion):
 
     name = "textual_inversion_pivot"
     families = ("sd",)
+    not_applicable = {"sdxl": PAPER_ABLATION}
     variable = "cond"

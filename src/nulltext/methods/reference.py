@@ -71,6 +71,7 @@ class OfficialNullTextInversion(NullTextInversion):
 
     name = "null_text_reference"
     families = ("sd",)
+    not_applicable = {"sdxl": "the official notebook's loop on SD 1.4, kept as the speed baseline and test oracle; null_text runs on SDXL"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
