@@ -104,12 +104,16 @@ def method_options(value, name: str = "method_options") -> dict:
     return options or {}
 
 
+# The families whose denoiser is a UNet of diffusers attention processors with a 77-token text axis.
+EDITABLE_FAMILIES = ("sd", "sdxl")
+
+
 def check_editable_family(family: str) -> None:
-    """Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x models only (a one-line error for the others)."""
-    if family != "sd":
+    """Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x and SDXL models only (a one-line error for the others)."""
+    if family not in EDITABLE_FAMILIES:
         raise SettingError(
-            f"editing and attention maps run on SD 1.x/2.x models only, this is a {family} model: "
-            "Prompt-to-Prompt is not ported to SDXL, SD3 or FLUX yet (their inversions run with `nulltext model=...`)"
+            f"editing and attention maps run on SD 1.x/2.x and SDXL models only, this is a {family} model: "
+            "Prompt-to-Prompt is not ported to SD3 or FLUX yet (their inversions run with `nulltext model=...`)"
         )
 
 
