@@ -5,7 +5,7 @@ embeddings, optimiser and latents."""
 import numpy as np
 import pytest
 import torch
-from helpers import composed
+from helpers import assert_reconstruct_reproduces, composed
 
 from nulltext.api import load_pipeline
 from nulltext.cli import run_inversion
@@ -88,7 +88,9 @@ def per_step_errors(pipe, z0) -> dict:
 def test_the_memory_options_from_the_command_line(tmp_path):
     overrides = ["model=tiny_xl", "model.dtype=bf16", "inversion=null_text", "inversion.gradient_checkpointing=true",
                  "inversion.num_inner_steps=2", f"diffusion.num_inference_steps={STEPS}", "data.limit=1", "logger=csv"]
-    with composed("config", overrides, tmp_path) as cfg:
+    with composed("config", overrides, tmp_path / "run") as cfg:
         metrics = run_inversion(cfg)
     assert metrics["num_failed"] == 0 and np.isfinite(metrics["psnr_mean"])
     assert metrics["images"][0]["iterations"] == STEPS * 2
+    # The artifact records model.dtype: `nulltext reconstruct` rebuilds the bf16 UNet and reproduces the run.
+    assert_reconstruct_reproduces(tmp_path / "run", metrics["images"][0]["id"], tmp_path / "rec")
