@@ -116,7 +116,10 @@ def with_denoiser_dtype(pipe: DiffusionPipeline, dtype: str) -> DiffusionPipelin
     if denoiser.dtype != target:
         # diffusers' ModelMixin.to warns at any dtype cast that some modules "should be kept in float32",
         # even when the model lists none (the UNets): those without such modules are cast as plain modules.
-        (denoiser.to if denoiser._keep_in_fp32_modules else torch.nn.Module.to.__get__(denoiser))(target)
+        if denoiser._keep_in_fp32_modules:
+            denoiser.to(target)
+        else:
+            torch.nn.Module.to(denoiser, target)
     return pipe
 
 
