@@ -34,6 +34,9 @@ Examples::
     # SDXL and FLUX on the CPU (smoke; issue 19's GPU rows: docs/benchmarks.md)
     python scripts/bench.py --model tiny_xl --steps 2 --batch-sizes 1 --early-stop off
     python scripts/bench.py --model tiny_flux --steps 2 --batch-sizes 1
+    # the null-text memory options (UNet gradient checkpointing, bf16 UNet weights) on SDXL
+    python scripts/bench.py --model tiny_xl --steps 2 --batch-sizes 1 --early-stop off --engines fast \
+        --model-dtype bf16 --variant ckpt:gradient_checkpointing=true
     # the default offline experiment (`nulltext -m inversion=vae,ddim,negative_prompt,null_text
     # data.limit=4`) timed in-process on the CPU
     python scripts/bench.py --cpu-default
@@ -80,6 +83,9 @@ ENGINES = {"reference": "OfficialNullTextInversion", "fast": "NullTextInversion"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="sd14_random", help="a conf/model config name (sd14_random; tiny for a CPU smoke run)")
+    p.add_argument("--model-dtype", default="float32", choices=("float32", "bf16", "fp16"),
+                   help="the UNet's weights (model.dtype; embeddings, Adam and latents stay float32). With "
+                        "--variant ckpt:gradient_checkpointing=true, the memory options of the null-text inner loop")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     p.add_argument("--steps", type=int, default=None, help="sampler steps S (default: the model's sampler config, "
                    "50 DDIM steps for SD and SDXL, 28 flow steps for SD3 and FLUX; fewer for a shortened run: "
@@ -214,8 +220,8 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def build_pipeline(model: str):
-    """The model config's pipeline and its sampler settings (the diffusion config the model picks)."""
+def build_pipeline(model: str, dtype: str = "float32"):
+    """The model config's pipeline (its UNet's weights in ``dtype``) and its sampler settings (the diffusion config the model picks)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
@@ -223,7 +229,7 @@ def build_pipeline(model: str):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}"])
+        cfg = compose("config", overrides=[f"model={model}", *([f"model.dtype={dtype}"] if dtype != "float32" else [])])
         pipe = instantiate(cfg.model)
     GlobalHydra.instance().clear()
     sampler = OmegaConf.to_container(cfg.diffusion)
@@ -347,7 +353,7 @@ class Report:
             f"- card: **{e['card']}**; torch {e['torch']} (CUDA {e['cuda']}), diffusers {e['diffusers']}, "
             f"transformers {e['transformers']}, Python {e['python']}; nulltext commit `{e['git_commit']}`{dirty}; "
             f"{e['threads']} CPU threads; {self.started}",
-            f"- model `{a.model}` ({s['unet_params'] / 1e6:.1f} M {s['denoiser']} parameters), {s['resolution']} px, latents "
+            f"- model `{a.model}` ({s['unet_params'] / 1e6:.1f} M {s['denoiser']} parameters, {s['weights_dtype']} weights), {s['resolution']} px, latents "
             f"{s['latent_shape']}; {s['sampler']} S = {s['steps']} steps, N = {a.inner_steps} inner steps, guidance {s['guidance']}; "
             f"images: {s['images']}; weights on the device: "
             + (f"{s['weights_bytes'] / GiB:.2f} GiB" if s["weights_bytes"] else "n/a"),
@@ -467,7 +473,7 @@ def run_bench(args) -> str:
     set_threads(args, device)
     t_start = time.perf_counter()
     log.info("building model %s ...", args.model)
-    pipe, sampler = build_pipeline(args.model)
+    pipe, sampler = build_pipeline(args.model, args.model_dtype)
     pipe.to(device)
     log.info("model built and moved to %s in %.1f s", device, time.perf_counter() - t_start)
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
@@ -501,6 +507,7 @@ def run_bench(args) -> str:
         "family": family,
         "denoiser": "UNet" if diffusion.family.denoiser_name == "unet" else diffusion.family.denoiser_name,
         "unet_params": sum(p.numel() for p in diffusion.unet.parameters()),
+        "weights_dtype": args.model_dtype,
         "sampler": "DDIM" if family in ("sd", "sdxl") else "flow Euler",
         "guidance": guidance,
         "skipped": skipped,

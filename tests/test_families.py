@@ -336,16 +336,16 @@ def test_sdxl_fixed_point_iterations_lower_the_implicit_step_residual(pipes, xl_
 
 
 def test_editing_refuses_other_families_in_one_line(tmp_path):
-    """Prompt-to-Prompt is ported to SD 1/2 only: an SDXL artifact, or an SDXL model to invert first, stops with one line."""
+    """Prompt-to-Prompt is ported to SD 1/2 and SDXL only: an SD3 artifact, or a FLUX model to invert first, stops with one line that names FlowEdit."""
     from nulltext.editing.cli import check_edit, run_attention, run_edit
 
     run_dir = tmp_path / "run"
-    with composed("config", ["model=tiny_xl", "inversion=ddim", "diffusion.num_inference_steps=2", "data.limit=1", "logger=csv"], run_dir) as cfg:
+    with composed("config", ["model=tiny_sd3", "inversion=flow_inversion", "diffusion.num_inference_steps=2", "data.limit=1", "logger=csv"], run_dir) as cfg:
         image_id = run_inversion(cfg)["images"][0]["id"]
     artifact = f"artifact={run_dir / 'inversions' / (image_id + '.safetensors')}"
     for app, run, overrides in (("edit", run_edit, [artifact, "prompts=[a dog]"]), ("attention", run_attention, [artifact])):
         with composed(app, overrides, tmp_path / app) as cfg:
-            with pytest.raises(SettingError, match="editing and attention maps run on SD 1.x/2.x models only, this is a sdxl model"):
+            with pytest.raises(SettingError, match="Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x and SDXL models, this is a sd3 model: edit it with FlowEdit"):
                 run(cfg)
     image = tmp_path / "x.png"
     Image.new("RGB", (64, 64)).save(image)

@@ -88,6 +88,21 @@ def test_bench_times_the_engines_of_each_model_family(tmp_path, model, engines, 
     for engine in engines:
         assert f"| {engine} | {'off' if engine == 'null_text' else 'n/a'} | 1 | 1 | " in text and "| n/ax |" not in text
 
+def test_bench_times_the_null_text_memory_options(tmp_path):
+    """bf16 UNet weights (--model-dtype) and gradient checkpointing (a --variant): the rows the GPU run
+    fills for SDXL at 1024 px (docs/benchmarks.md), here on tiny_xl."""
+    bench = load_script("bench")
+    out = tmp_path / "bench.md"
+    args = ["--model", "tiny_xl", "--steps", "2", "--inner-steps", "2", "--batch-sizes", "1", "--early-stop", "off",
+            "--engines", "fast", "--model-dtype", "bf16", "--variant", "ckpt:gradient_checkpointing=true",
+            "--warmup-steps", "0", "--out", str(out)]
+    assert bench.main(args) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [r["engine"] for r in data["rows"]] == ["null_text", "null_text[ckpt]"] and data["setup"]["weights_dtype"] == "bf16"
+    assert all(r["status"] == "ok" and r["iterations"] == [2 * 2] for r in data["rows"])
+    assert "parameters, bf16 weights), 64 px" in out.read_text()
+
+
 def test_precision_check_compares_against_float32(tmp_path):
     check = load_script("precision_check")
     out = tmp_path / "precision.md"

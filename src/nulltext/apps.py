@@ -104,21 +104,21 @@ def method_options(value, name: str = "method_options") -> dict:
     return options or {}
 
 
+# SD and SDXL edit through diffusers attention processors on a 77-token text axis; the rectified-flow
+# families (SD3, FLUX: joint attention in a transformer) edit with FlowEdit.
+FLOW_FAMILIES = ("sd3", "flux")
+
+
 def check_editable_family(family: str, mode: str | None = None) -> None:
-    """Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x models only, FlowEdit (``mode`` flowedit)
-    on SD3 and FLUX only (a one-line error for the others)."""
-    flow = family in ("sd3", "flux")
+    """Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x and SDXL models, FlowEdit
+    (``mode`` flowedit) on SD3 and FLUX (a one-line error for the others)."""
+    flow = family in FLOW_FAMILIES
     if mode == "flowedit" and not flow:
         raise SettingError(f"mode=flowedit (FlowEdit) runs on SD3 and FLUX models only, this is a {family} model: use mode=replace, refine, reweight or sdedit")
     if flow and mode != "flowedit":
         raise SettingError(
-            f"Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x models, this is a {family} model: "
+            f"Prompt-to-Prompt, SDEdit and the attention maps run on SD 1.x/2.x and SDXL models, this is a {family} model: "
             "edit it with FlowEdit (inversion-free): mode=flowedit image=<file> caption=<source prompt>"
-        )
-    if family != "sd" and not flow:
-        raise SettingError(
-            f"editing and attention maps run on SD 1.x/2.x models only, this is a {family} model: "
-            "Prompt-to-Prompt is not ported to SDXL, SD3 or FLUX yet (their inversions run with `nulltext model=...`)"
         )
 
 

@@ -139,7 +139,18 @@ class Diffusion:
         ``guidance`` is the guidance input of guidance-distilled models (FLUX-dev; default: the
         sampler's scale); other families ignore it.
         """
-        return self.family.forward(self.unet, z, t, context, self.guidance_scale if guidance is None else guidance)
+        return self.denoise(self.unet, z, t, context, guidance)
+
+    def denoise(self, net: torch.nn.Module, z: Tensor, t: int, context: Tensor, guidance: float | None = None) -> Tensor:
+        """``net`` (the denoiser, or a compiled wrapper of it) through the family's call, in the weights' dtype.
+
+        Latents and context are cast to the denoiser's dtype (differentiably: an optimised float32
+        embedding stays a float32 leaf, its gradient float32) and the output back to the latents'
+        dtype; with float32 weights and inputs both casts are no-ops.
+        """
+        dtype = self.unet.dtype
+        out = self.family.forward(net, z.to(dtype), t, context.to(dtype), self.guidance_scale if guidance is None else guidance)
+        return out.to(z.dtype)
 
     def guided_output(self, z: Tensor, t: int, uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
         """Classifier-free guidance (Ho & Salimans 2022): out_u + w (out_c - out_u).

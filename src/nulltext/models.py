@@ -37,7 +37,7 @@ from transformers.utils import logging as transformers_logging
 from nulltext.errors import ModelUnavailableError, UnknownNameError
 from nulltext.families import FAMILIES, ModelShape, family_class, family_of
 from nulltext.io import atomic_write_text, check_fields
-from nulltext.validation import SettingError
+from nulltext.validation import SettingError, check_choice
 
 CLIP_CONTEXT_LENGTH = 77
 # The SD v1 scheduler settings (ALGORITHM.md section 1); SD pipelines force steps_offset=1.
@@ -98,6 +98,31 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None, pad_token: str = 
     return CLIPTokenizer.from_pretrained(folder, model_max_length=CLIP_CONTEXT_LENGTH, pad_token=pad_token)
 
 
+# ``model.dtype``: the denoiser's weights in float32, or in half precision to halve their memory.
+# Only the denoiser: the text encoders and the VAE run once per image, and the embeddings an
+# inversion optimises, its optimiser and the latents stay float32
+# (:meth:`nulltext.diffusion.Diffusion.denoise` casts the denoiser's inputs and output).
+WEIGHT_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """A ``model.dtype`` setting as a torch dtype (one line for any other value)."""
+    return WEIGHT_DTYPES[check_choice("model.dtype", dtype, tuple(WEIGHT_DTYPES))]
+
+
+def with_denoiser_dtype(pipe: DiffusionPipeline, dtype: str) -> DiffusionPipeline:
+    """The pipeline with its denoiser's weights cast to ``dtype`` (a :data:`WEIGHT_DTYPES` key)."""
+    denoiser, target = family_of(pipe).denoiser, check_dtype(dtype)
+    if denoiser.dtype != target:
+        # diffusers' ModelMixin.to warns at any dtype cast that some modules "should be kept in float32",
+        # even when the model lists none (the UNets): those without such modules are cast as plain modules.
+        if denoiser._keep_in_fp32_modules:
+            denoiser.to(target)
+        else:
+            torch.nn.Module.to(denoiser, target)
+    return pipe
+
+
 def freeze(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """Every network of the pipeline without gradients and in eval mode; no progress bars."""
     for module in pipe.components.values():
@@ -119,12 +144,14 @@ def build_random_pipeline(
     text_encoder: dict,
     scheduler: dict | None = None,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> StableDiffusionPipeline:
     """A Stable Diffusion pipeline with random weights, built from component configs and a seed.
 
     Same code paths and per-call cost as a real SD model of the same shape (used by tests and GPU
-    benchmarks); its pictures are noise.
+    benchmarks); its pictures are noise. ``dtype``: the UNet's weights (:data:`WEIGHT_DTYPES`).
     """
+    check_dtype(dtype)
     unet, vae, text_encoder = _plain(unet, vae, text_encoder)
     torch.manual_seed(seed)
     text_config = CLIPTextConfig(**text_encoder)
@@ -138,7 +165,7 @@ def build_random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return freeze(pipe)
+    return freeze(with_denoiser_dtype(pipe, dtype))
 
 
 def pocket_path() -> str:
@@ -162,15 +189,17 @@ def pocket_folder(path: str | None = None) -> Path:
 
 
 def load_pipeline(
-    path: str, revision: str | None = None, local_files_only: bool | None = None, t5: bool = True
+    path: str, revision: str | None = None, local_files_only: bool | None = None, t5: bool = True, dtype: str = "float32"
 ) -> DiffusionPipeline:
-    """Load a pipeline in float32 from a hub id or a local ``save_pretrained`` folder.
+    """Load a pipeline in float32 from a hub id or a local ``save_pretrained`` folder (``dtype``: the
+    denoiser's weights, :data:`WEIGHT_DTYPES`).
 
     Its family (SD 1/2, SDXL, SD3, FLUX: :mod:`nulltext.families`) is the pipeline class its
     ``model_index.json`` names. ``t5=False`` loads SD3 without its T5 encoder (zeros take its place,
     as in StableDiffusion3Pipeline). Offline (``HF_HUB_OFFLINE=1``, or no network) a hub id works
     only if the weights are already in the Hugging Face cache; otherwise one clear error says what to do.
     """
+    check_dtype(dtype)
     local = _local_folder(path)
     if local_files_only is None and local is None and not hub_reachable():
         local_files_only = True
@@ -199,7 +228,7 @@ def load_pipeline(
         if not isinstance(error, (OSError, ValueError)):
             raise
         raise _unavailable(path, error) from None
-    return freeze(pipe)
+    return freeze(with_denoiser_dtype(pipe, dtype))
 
 
 @functools.cache
@@ -373,12 +402,20 @@ def t5_tokenizer(model_max_length: int) -> T5Tokenizer:
 
 
 def build_random_xl(
-    unet: dict, vae: dict, text_encoder: dict, text_encoder_2: dict, scheduler: dict | None = None, seed: int = 0, force_zeros_for_empty_prompt: bool = True
+    unet: dict,
+    vae: dict,
+    text_encoder: dict,
+    text_encoder_2: dict,
+    scheduler: dict | None = None,
+    seed: int = 0,
+    force_zeros_for_empty_prompt: bool = True,
+    dtype: str = "float32",
 ) -> StableDiffusionXLPipeline:
     """An SDXL pipeline with random weights: CLIP-L-like and CLIP-G-like (with projection) encoders, a text_time UNet.
 
-    The second tokenizer pads with ``!`` as SDXL's does.
+    The second tokenizer pads with ``!`` as SDXL's does. ``dtype``: the UNet's weights (:data:`WEIGHT_DTYPES`).
     """
+    check_dtype(dtype)
     unet, vae, text_encoder, text_encoder_2 = _plain(unet, vae, text_encoder, text_encoder_2)
     torch.manual_seed(seed)
     pipe = StableDiffusionXLPipeline(
@@ -392,7 +429,7 @@ def build_random_xl(
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
         add_watermarker=False,
     )
-    return freeze(pipe)
+    return freeze(with_denoiser_dtype(pipe, dtype))
 
 
 def build_random_sd3(

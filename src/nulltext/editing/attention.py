@@ -27,10 +27,23 @@ The edit controllers share the injection windows: ``cross_replace`` (fraction of
 ``(start, end)`` pair, or a dict word -> fraction with an optional ``"default_"`` entry) and
 ``self_replace`` (fraction or pair; self-attention maps with at most ``self_replace_max_tokens``
 queries -- 16x16 and below, as in the official code -- are replaced by the source's).
+
+SDXL: the same controllers, unchanged. Its UNet's attention layers are diffusers ``Attention``
+modules like SD's, only more of them -- several transformer layers per block (2 at the second
+level, 10 at the third in SDXL base; none at the first), each with a self- and a cross-attention --
+and the processor sees every one (``place`` from its name). The cross-attention's keys are SDXL's
+77 token positions: the two encoders' states are concatenated in the channels, not the tokens,
+and the pooled embedding and the size/crop time ids enter the UNet through its added embedding,
+not through attention (:class:`nulltext.families.StableDiffusionXL`), so each row of the edit
+batch carries its own prompt's pooled embedding, and the unconditional rows the inversion's
+pooled nulls. At 1024 px the maps are 64x64 and 32x32: the default local-blend resolution is 32x32
+(a quarter of the latent side, as 16x16 on SD), and no self-attention map is as small as the
+official 16x16 (``self_replace_max_tokens=1024`` replaces the 32x32 ones; a warning says so).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
@@ -50,6 +63,7 @@ from nulltext.editing.tokens import (
 Window = float | tuple[float, float] | Sequence[float]
 CrossWindow = Window | Mapping[str, Window]
 PLACES = ("down", "mid", "up")
+log = logging.getLogger(__name__)
 DEFAULT_WINDOW_KEYS = ("default_", "default")
 
 
@@ -300,6 +314,20 @@ class AttentionEdit(AttentionController):
         super().prepare(prompts, tokenizer, num_steps, latent_shape)
         self.cross_alphas = cross_replace_alphas(tokenizer, self.prompts, num_steps, self.cross_replace)
         self.self_window = (0, 0) if self.self_replace is None else step_window(self.self_replace, num_steps, "self_replace")
+        self.self_map_queries: set[int] = set()
+
+    def warn_if_no_self_map_was_replaced(self) -> None:
+        """One warning line when the self window is open but every self-attention map was larger than
+        ``self_replace_max_tokens``: SDXL at 1024 px has no map of 16x16 or smaller (its smallest are
+        32x32, a quarter of its 128x128 latents as 16x16 is of SD's 64x64)."""
+        start, end = self.self_window
+        if start < end and self.self_map_queries and min(self.self_map_queries) > self.self_replace_max_tokens:
+            side = self.map_side(min(self.self_map_queries))
+            log.warning(
+                "self_replace: no self-attention map was replaced: the smallest has %dx%d = %d queries, more than "
+                "self_replace_max_tokens=%d; set self_replace_max_tokens=%d to replace the maps of that size",
+                side[0], side[1], min(self.self_map_queries), self.self_replace_max_tokens, min(self.self_map_queries),
+            )
 
     def replace_cross(self, base: Tensor, target: Tensor) -> Tensor:
         """The injected maps [P-1, heads, queries, keys] from the source's ``base`` [heads, queries, keys]."""
@@ -312,6 +340,7 @@ class AttentionEdit(AttentionController):
             if not alpha.any():
                 return None
             return alpha * self.replace_cross(base, target) + (1 - alpha) * target
+        self.self_map_queries.add(attn.shape[2])
         start, end = self.self_window
         if start <= self.step < end and attn.shape[2] <= self.self_replace_max_tokens:
             return base.unsqueeze(0).expand_as(target)

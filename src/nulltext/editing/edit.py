@@ -18,6 +18,7 @@ from torch import Tensor
 from nulltext.diffusion import Diffusion
 from nulltext.editing.attention import (
     AttentionController,
+    AttentionEdit,
     AttentionRefine,
     AttentionReplace,
     AttentionReweight,
@@ -30,6 +31,7 @@ from nulltext.editing.attention import (
 from nulltext.editing.errors import EditError
 from nulltext.editing.sampling import EditOutput, check_inversion, sample_prompts
 from nulltext.editing.sdedit import sdedit
+from nulltext.editing.tokens import context_tokenizer
 from nulltext.methods import Inversion, method_class
 from nulltext.reconstruction import to_uint8
 from nulltext.validation import SettingError, check_choice, check_float, check_int, check_probability, check_text
@@ -231,9 +233,12 @@ def edit(
     if controller is None:
         latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, hooks=hooks)
     else:
-        controller.prepare(prompts, diffusion.tokenizer, diffusion.schedule.num_steps, tuple(z_T.shape[-2:]))
+        controller.prepare(prompts, context_tokenizer(diffusion.pipe, prompts), diffusion.schedule.num_steps, tuple(z_T.shape[-2:]))
         with attention_control(diffusion.unet, controller):
             latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller, hooks=hooks)
+        main = ControllerGroup(controller).find(AttentionEdit)
+        if main is not None:
+            main.warn_if_no_self_map_was_replaced()
     images = to_uint8(diffusion.decode(latents))
     blend = ControllerGroup(controller).find(LocalBlend) if controller is not None else None
     latent_masks = masks = None

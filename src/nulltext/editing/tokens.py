@@ -1,7 +1,7 @@
 """Token positions of words, and the token mappers of Prompt-to-Prompt (Hertz et al. 2022).
 
 Everything indexes the text encoder's input sequence with the pipeline's real tokenizer (CLIP BPE
-for Stable Diffusion): position 0 is ``<|startoftext|>``, a word may cover several positions
+for Stable Diffusion; SDXL's two tokenizers split prompts alike, :func:`context_tokenizer`): position 0 is ``<|startoftext|>``, a word may cover several positions
 ("astronaut's" is two tokens, "résumé" three), the last real position is ``<|endoftext|>`` and
 the rest up to the context length (77) is padding.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -30,6 +31,27 @@ def normalize_word(word: str) -> str:
 
 def context_length(tokenizer) -> int:
     return int(tokenizer.model_max_length)
+
+
+def context_tokenizer(pipe, prompts: Sequence[str]):
+    """The tokenizer whose positions are the positions of the cross-attention's keys, for ``prompts``.
+
+    SD has one. SDXL puts its two encoders' states side by side in the channels (CLIP-L's 768 then
+    CLIP-G's 1280, 77 positions: ``nulltext.families.StableDiffusionXL.encode_text``), so key k is
+    token k of both, and one tokenizer's word positions hold for the maps only when both split every
+    prompt alike. SDXL base's do (the same CLIP BPE; only their padding differs, ``<|endoftext|>``
+    and ``!``, and padding maps to padding in order): checked here, as another pipeline could pair
+    other tokenizers.
+    """
+    tokenizer, second = pipe.tokenizer, getattr(pipe, "tokenizer_2", None)
+    if second is not None:
+        for prompt in prompts:
+            if prompt_token_ids(second, prompt) != prompt_token_ids(tokenizer, prompt):
+                raise EditError(
+                    f"the two text encoders' tokenizers split {prompt!r} differently; Prompt-to-Prompt needs one token "
+                    "position per key of the cross-attention (SDXL base's two CLIP tokenizers agree)"
+                )
+    return tokenizer
 
 
 def prompt_token_ids(tokenizer, prompt: str) -> list[int]:

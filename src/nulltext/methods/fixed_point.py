@@ -145,6 +145,17 @@ class ReNoiseInversion(_ImplicitInversion):
     lambda_kl = 0.065, 4 regularisation steps and 5 rolls, inverting and sampling without CFG
     (w = 1). The paper's Table 3 gives lambda_pair = 10 and lambda_patch-KL = 0.05 instead.
 
+    On SDXL the same defaults are its official SDXL settings: ``examples/inversion_example_sdxl.py``
+    (garibida/ReNoise-Inversion@fa83238) sets the same ``RunConfig`` as the SD example -- DDIM,
+    50 inversion and 50 sampling steps (lines 22-23), 1 renoising iteration (24), no noise
+    correction (26), every other setting the ``src/config.py`` default (averaging windows (0, 5) and
+    (8, 10), lines 29-31; lambda_ac 20, lambda_kl 0.065, 4 steps, 5 rolls, lines 35-41; inversion
+    guidance 0, i.e. the conditional prediction alone, line 17) -- and samples with guidance 1.0
+    (line 40). What differs is outside the method: 1024 px images (line 18; ``model=sdxl``'s
+    resolution) and float16 weights (``src/utils/enums_utils.py``, ``is_float16``; here
+    ``model.dtype``). So ``inversion=renoise`` selects them on an SDXL model with no SDXL config of
+    its own, and ``diffusion=ddim50`` (the default sampler config) the step count.
+
     Args:
         num_renoise_steps: renoising iterations per step (1 in the SD example and the paper).
         max_renoise_steps_low: at most this many below ``average_below_t`` (5, the official
