@@ -208,7 +208,7 @@ def test_hub_models_not_in_the_cache_fail_in_one_line(model, hub_id, tmp_path):
 @pytest.mark.parametrize(
     "model, method, message",
     [
-        ("tiny_flux", "ddim", "does not run on flux models (it runs on: sd, sdxl); the methods for flux models are: vae, flow_inversion"),
+        ("tiny_flux", "null_text", "does not run on flux models (it runs on: sd, sdxl, sd3); the methods for flux models are: vae, flow_inversion"),
         ("tiny_sd3", "ddim", "the methods for sd3 models are: vae, flow_inversion, null_text"),
         ("tiny_xl", "textual_inversion", "the methods for sdxl models are: vae, ddim, null_text, negative_prompt"),
         ("tiny", "flow_inversion", "does not run on sd models (it runs on: sd3, flux)"),
@@ -356,7 +356,7 @@ def test_editing_refuses_other_families_in_one_line(tmp_path):
 
 def test_the_api_checks_the_family_and_inverts_with_flow(pipes, sample_images):
     photo = Image.fromarray(sample_images[0].permute(1, 2, 0).numpy())
-    with pytest.raises(SettingError, match="inversion=null_text does not apply to flux models: FLUX.1 is guidance-distilled"):
+    with pytest.raises(SettingError, match="inversion=null_text does not run on flux models"):
         invert(pipes["tiny_flux"], photo, "a photo", method="null_text")
     result = invert(pipes["tiny_flux"], photo, "a photo", method="flow_inversion", num_inference_steps=3, guidance_scale=3.5)
     assert result.z_T.shape == (16, 16, 16) and result.reconstruction.size == (64, 64)

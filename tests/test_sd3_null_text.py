@@ -166,6 +166,8 @@ def test_flux_refuses_null_text_in_one_line_saying_why_and_what_applies(tmp_path
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "Traceback" not in result.stderr
     line = errors[0]
-    assert line.startswith("nulltext: error: inversion=null_text does not apply to flux models: FLUX.1 is guidance-distilled")
-    assert "no unconditional branch" in line
-    assert "flow_inversion" in line.split("the methods for flux models are: ")[1]
+    assert line.startswith("nulltext: error: inversion=null_text does not run on flux models (it runs on: sd, sdxl, sd3)")
+    # What applies instead (the flow methods), then why: guidance-distilled, no unconditional branch.
+    applies, why = line.split("the methods for flux models are: ")[1].split(" (null_text: ")
+    assert "flow_inversion" in applies.split(", ") and "null_text" not in applies
+    assert why.startswith("FLUX-dev is guidance-distilled") and "no unconditional branch" in why
