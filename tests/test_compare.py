@@ -196,7 +196,7 @@ def test_a_method_of_another_family_is_recorded_as_not_applicable_before_any_mod
     "model, family, methods, sampler",
     [
         ("tiny_xl", "sdxl", ["vae", "null_text_global", "ddim", "flow_inversion"], "DDIM"),
-        ("tiny_sd3", "sd3", ["vae", "ddim", "flow_inversion", "null_text"], "rectified-flow Euler"),
+        ("tiny_sd3", "sd3", ["vae", "ddim", "flow_inversion", "negative_prompt"], "rectified-flow Euler"),
     ],
 )
 def test_compare_methods_on_another_family_runs_its_methods_and_lists_the_others_with_the_reason(tmp_path, model, family, methods, sampler):

@@ -208,8 +208,8 @@ def test_hub_models_not_in_the_cache_fail_in_one_line(model, hub_id, tmp_path):
 @pytest.mark.parametrize(
     "model, method, message",
     [
-        ("tiny_flux", "null_text", "does not run on flux models (it runs on: sd, sdxl); the methods for flux models are: vae, flow_inversion"),
-        ("tiny_sd3", "ddim", "the methods for sd3 models are: vae, flow_inversion"),
+        ("tiny_flux", "null_text", "does not run on flux models (it runs on: sd, sdxl, sd3); the methods for flux models are: vae, flow_inversion"),
+        ("tiny_sd3", "ddim", "the methods for sd3 models are: vae, flow_inversion, null_text"),
         ("tiny_xl", "textual_inversion", "the methods for sdxl models are: vae, ddim, null_text, negative_prompt"),
         ("tiny", "flow_inversion", "does not run on sd models (it runs on: sd3, flux)"),
     ],

@@ -65,9 +65,10 @@ def test_bench_reports_every_engine_with_its_result_check(tmp_path):
 @pytest.mark.parametrize(("model", "engines", "family"), [
     ("tiny_xl", ["null_text", "negative_prompt"], "sdxl"),
     ("tiny_flux", ["flow_inversion"], "flux"),
+    ("tiny_sd3", ["null_text", "flow_inversion"], "sd3"),  # null-text runs on SD3 (docs/sd3_null_text.md)
 ])
 def test_bench_times_the_engines_of_each_model_family(tmp_path, model, engines, family):
-    """SDXL and FLUX (issue 19): the engines whose method runs on the family, at the model's resolution;
+    """SDXL, SD3 and FLUX (issue 19): the engines whose method runs on the family, at the model's resolution;
     the SD-only reference is named as not timed, and no ratio is computed without it."""
     bench = load_script("bench")
     out = tmp_path / "bench.md"

@@ -22,11 +22,16 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class NullTextInversion(InversionMethod):
     """Null-text inversion, per step (Mokady et al. 2023, Algorithm 1; ALGORITHM.md section 4).
 
-    For each DDIM step i (t = T ... 1), starting from z_bar = z*_T and null_0 = psi(""):
+    For each sampler step i (t = T ... 1), starting from z_bar = z*_T and null_0 = psi(""):
     a fresh Adam on null_i (warm-started from null_{i-1}) with lr = lr0 (1 - i * lr_decay) takes up
     to ``num_inner_steps`` steps on || z_{t-1}(z_bar, null_i, C) - z*_{t-1} ||^2 (eq. 3), the
-    guided DDIM step at w; after a step, stop early if the pre-step loss < epsilon + slope * i.
+    guided step at w; after a step, stop early if the pre-step loss < epsilon + slope * i.
     Then z_bar advances with the stored null_i, never reset to the pivot.
+
+    Family-agnostic: the pivot is the family's inversion at w = 1 (DDIM inversion; reverse Euler on
+    SD3) and the guided step its sampler's (DDIM; SD3's rectified-flow Euler with real classifier-free
+    guidance). On SDXL and SD3 null_i is the whole negative context, its last row the pooled null
+    embedding (:func:`nulltext.families.pack`), so both are optimised per step.
 
     The fast engine: batched, every image with its own embedding row, its own Adam moments (Adam is
     elementwise, so one [B, L, D] parameter equals B separate ones) and its own early stop (a
@@ -40,7 +45,7 @@ class NullTextInversion(InversionMethod):
         lr_decay: lr at step i is lr0 * (1 - i * lr_decay) (1/100 in the official code; in [0, 1]).
         early_stop_epsilon, early_stop_slope: the early-stop threshold epsilon + slope * i (finite
             numbers); a threshold <= 0 disables early stopping (and its host synchronisation).
-        pivot_guidance_scale: guidance of the DDIM inversion that makes the pivot (1 in the
+        pivot_guidance_scale: guidance of the inversion (DDIM or reverse Euler) that makes the pivot (1 in the
             paper; its Fig. 9 sweeps 1 to 8; finite).
         static_batch: keep stopped images in the UNet batch (masked) instead of dropping them, so
             that every inner call has the same shape: what ``compile`` and CUDA graphs need. Off,
@@ -60,8 +65,8 @@ class NullTextInversion(InversionMethod):
     """
 
     name = "null_text"
-    families = ("sd", "sdxl")
-    not_applicable = {"flux": "FLUX-dev has no unconditional branch (guidance is an input of the model): no null embedding to optimise"}
+    families = ("sd", "sdxl", "sd3")
+    not_applicable = {"flux": "FLUX-dev is guidance-distilled (guidance is an input of the model): no unconditional branch, no null embedding to optimise"}
     # Which embedding is optimised per step: the null text ("uncond") or the caption ("cond").
     variable: Literal["uncond", "cond"] = "uncond"
 
@@ -94,7 +99,7 @@ class NullTextInversion(InversionMethod):
         self._compiled: tuple[torch.nn.Module, Callable] | None = None
 
     def pivot(self, diffusion: Diffusion, z0: Tensor, cond: Tensor, null: Tensor, seeds: list[int]) -> Tensor:
-        """The trajectory to retrace: DDIM inversion, at w = 1 by default (ALGORITHM.md section 3)."""
+        """The trajectory to retrace: the family's inversion (DDIM, reverse Euler), at w = 1 by default (ALGORITHM.md section 3)."""
         return diffusion.ddim_inversion(z0, cond, null, self.pivot_guidance_scale)
 
     def inversion_prompts(self, prompts: list[str], seeds: list[int]) -> list[str]:
