@@ -272,5 +272,8 @@ class TextualInversionPivot(NullTextInversion):
 
     name = "textual_inversion_pivot"
     families = ("sd",)
-    not_applicable = {"sdxl": PAPER_ABLATION}
+    not_applicable = {
+        "sdxl": PAPER_ABLATION,
+        "flux": "FLUX-dev is guidance-distilled (guidance is an input of the model): no classifier-free guided sampling for the caption to retrace the pivot with",
+    }
     variable = "cond"
