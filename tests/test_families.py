@@ -260,6 +260,21 @@ def test_family_methods_write_complete_metrics_and_reusable_artifacts(
     assert_reconstruct_reproduces(run_dir, image["id"], tmp_path / "rec")
 
 
+def test_renoise_sdxl_experiment_is_the_papers_table_1_setting(tmp_path):
+    """experiment=renoise_sdxl: SDXL, 20/20 DDIM steps, 3 renoising iterations, w = 1, fp16 UNet (ReNoise
+    Table 1's best row); on tiny_xl each step evaluates 1 + 3 estimates plus the regularisation's reference."""
+    with composed("config", ["experiment=renoise_sdxl"], tmp_path / "composed") as cfg:
+        assert (cfg.model.path, cfg.model.dtype) == ("stabilityai/stable-diffusion-xl-base-1.0", "fp16")
+        assert (cfg.diffusion.num_inference_steps, cfg.inversion.num_renoise_steps, cfg.inversion.guidance_scale) == (20, 3, 1.0)
+    run_dir = tmp_path / "run"
+    with composed("config", ["experiment=renoise_sdxl", "model=tiny_xl", "data=samples", "data.limit=1", "logger=csv"], run_dir) as cfg:
+        metrics = run_inversion(cfg)
+    image = metrics["images"][0]
+    assert (image["inversion_unet_evaluations"], image["reconstruction_unet_evaluations"]) == (20 * (1 + 3) + 20, 20)
+    assert metrics["num_failed"] == 0 and np.isfinite(metrics["psnr_mean"])
+    assert_reconstruct_reproduces(run_dir, image["id"], tmp_path / "rec")
+
+
 def test_sdxl_null_text_optimises_the_null_and_the_pooled_null_of_every_step(pipes, sample_images):
     pipe = pipes["tiny_xl"]
     photo = Image.fromarray(sample_images[0].permute(1, 2, 0).numpy())
