@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -21,7 +22,7 @@ from nulltext.cli import prepare_inversion, run_inversion
 from nulltext.diffusion import Diffusion
 from nulltext.errors import ModelUnavailableError
 from nulltext.families import unpack
-from nulltext.methods import BDIAInversion, DirectInversion, EDICTInversion, FixedPointInversion
+from nulltext.methods import BDIAInversion, DirectInversion, EDICTInversion, FixedPointInversion, make_method
 from nulltext.models import MODEL_CONFIG_DIR, ModelShape, load_pipeline as load_folder, model_shape, pipeline_shape
 from nulltext.reconstruction import latent_errors, reconstruct
 from nulltext.validation import SettingError
@@ -258,6 +259,22 @@ def test_family_methods_write_complete_metrics_and_reusable_artifacts(
     if method not in NO_PIVOT:
         assert len(image["latent_error"]["mse"]) == 5 and image["latent_error"]["mse"][0] == 0.0
     assert_reconstruct_reproduces(run_dir, image["id"], tmp_path / "rec")
+
+
+@pytest.mark.parametrize("model, steps, guidance", [("tiny_sd3", 28, 7.0), ("tiny_flux", 28, 3.5), ("tiny_xl", 50, 7.5)])
+def test_the_api_samples_as_the_command_line_does_for_each_family(model, steps, guidance, pipes, sample_images, tmp_path):
+    """api.invert's defaults are the sampler the family's model configs pick: flow_inversion through the API
+    and through the command line give the same z_T (SD3 and FLUX invert with the velocity at the source level)."""
+    photo = sample_images[0]
+    method = "ddim" if model == "tiny_xl" else "flow_inversion"
+    result = invert(pipes[model], Image.fromarray(photo.permute(1, 2, 0).numpy()), "a photo", method=method)
+    assert (len(result.inversion.pivot[0]), result.inversion.guidance_scale) == (steps + 1, guidance)
+    with composed("config", [f"model={model}", f"inversion={method}", "data.limit=1", "logger=csv"], tmp_path) as cfg:
+        assert (cfg.diffusion.num_inference_steps, cfg.diffusion.guidance_scale) == (steps, guidance)
+        diffusion = instantiate(cfg.diffusion, pipe=pipes[model])
+    z0 = diffusion.encode_images(photo[None])
+    expected = make_method(method).invert(diffusion, z0, ["a photo"], [0]).z_T
+    torch.testing.assert_close(result.z_T, expected[0], rtol=0, atol=1e-5)
 
 
 def test_renoise_sdxl_experiment_is_the_papers_table_1_setting(tmp_path):

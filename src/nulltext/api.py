@@ -25,6 +25,7 @@ from nulltext.artifacts import open_artifact
 from nulltext.data import load_image, preprocess_image
 from nulltext.diffusion import Diffusion
 from nulltext.errors import UnknownNameError, user_error
+from nulltext.families import family_of
 from nulltext.methods import Inversion, check_family, image_seed, make_method
 from nulltext.metrics import load_lpips, score_uint8
 from nulltext.models import MODEL_CONFIG_DIR, model_configs, pipeline_resolution
@@ -74,25 +75,42 @@ class InversionResult:
     inversion: Inversion
 
 
+def family_sampler(pipe: DiffusionPipeline) -> dict:
+    """The sampler settings (steps, guidance, inversion timestep) the command line uses for ``pipe``'s family."""
+    config = OmegaConf.load(MODEL_CONFIG_DIR.parent / "diffusion" / f"{family_of(pipe).sampler_config()}.yaml")
+    return {key: config[key] for key in ("num_inference_steps", "guidance_scale", "inversion_timestep")}
+
+
 def invert(
     pipe: DiffusionPipeline,
     image: str | Path | Image.Image,
     prompt: str,
     method: str = "null_text",
     seed: int = 0,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     caption_pool: list[str] | None = None,
     **overrides,
 ) -> InversionResult:
-    """Invert one image with one method (``overrides`` set the method's options, e.g. num_inner_steps=20)."""
+    """Invert one image with one method (``overrides`` set the method's options, e.g. num_inner_steps=20).
+
+    The sampler is the one the command line picks for the pipeline's family (``conf/diffusion/``):
+    DDIM 50 steps at w = 7.5 on SD and SDXL, rectified-flow Euler 28 steps at w = 7 on SD3, 28 at
+    guidance 3.5 on FLUX-dev, 4 on FLUX-schnell; ``num_inference_steps`` and ``guidance_scale`` replace
+    its values.
+    """
     check_text("prompt", prompt)
     check_seed("seed", seed)
     if not isinstance(image, (str, os.PathLike, Image.Image)):
         raise SettingError(f"image={image!r} is not allowed: the path of an image file or a PIL image")
     resolution = pipeline_resolution(pipe)
+    sampler = family_sampler(pipe)
+    if num_inference_steps is not None:
+        sampler["num_inference_steps"] = num_inference_steps
+    if guidance_scale is not None:
+        sampler["guidance_scale"] = guidance_scale
     try:
-        diffusion = Diffusion(pipe, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, resolution=resolution)
+        diffusion = Diffusion(pipe, **sampler, resolution=resolution)
         inverter = make_method(method, **overrides)
     except SettingError as error:
         raise _in_api_terms(error) from None

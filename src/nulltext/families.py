@@ -126,6 +126,10 @@ class Family:
         """
         raise NotImplementedError
 
+    def sampler_config(self) -> str:
+        """The sampler settings its model configs pick (``conf/diffusion/<name>.yaml``; the API's defaults)."""
+        return "ddim50"
+
     def schedule(self, num_steps: int, resolution: int) -> DDIMSchedule | FlowSchedule:
         """The sampler's schedule for ``num_steps`` steps on square images of ``resolution`` pixels."""
         return DDIMSchedule.from_scheduler_config(self.pipe.scheduler.config, num_steps)
@@ -206,6 +210,9 @@ class StableDiffusion3(Family):
     # StableDiffusion3Pipeline.__call__'s max_sequence_length
     T5_LENGTH = 256
 
+    def sampler_config(self) -> str:
+        return "flow_sd3"
+
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
         # diffusers pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py, encode_prompt (lines 429-464)
         # with _get_clip_prompt_embeds (289-342) and _get_t5_prompt_embeds (233-287); the negative prompt is "" (467).
@@ -265,6 +272,11 @@ class Flux(Family):
     classifier_free = False
     # FluxPipeline.__call__'s max_sequence_length
     T5_LENGTH = 512
+
+
+    def sampler_config(self) -> str:
+        # FLUX.1-schnell has no guidance input (timestep-distilled, 4 steps); FLUX.1-dev takes one.
+        return "flow_flux_dev" if self.denoiser.config.guidance_embeds else "flow_flux_schnell"
 
     @property
     def t5_length(self) -> int:
