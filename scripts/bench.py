@@ -8,7 +8,8 @@ Times, on one device and in one go (warm-up first):
 - ``null_text`` (:class:`nulltext.methods.NullTextInversion`): the fast, batched engine, at every
   batch size of ``--batch-sizes`` (plus any ``--variant`` of its constructor options);
 - ``negative_prompt`` (:class:`nulltext.methods.NegativePromptInversion`): no optimisation;
-- ``flow_inversion`` (:class:`nulltext.methods.FlowInversion`): reverse Euler, for the flow families (SD3, FLUX);
+- ``flow_inversion`` (:class:`nulltext.methods.FlowInversion`): reverse Euler, for the flow families (SD3, FLUX),
+  and the flow inversions ``rf_inversion``, ``rf_solver``, ``fireflow``, ``uniinv`` (docs/flow_methods.md);
 
 with early stopping off (``early_stop_epsilon=-1``: every step takes N iterations) and on (the
 official threshold), and reports seconds per image, images per minute, peak GPU memory and the
@@ -76,7 +77,10 @@ CAPTIONS = [  # used when the offline sample photos are not installed (synthetic
 GiB = 2**30
 # --engines name -> the inversion method class it times (imported lazily: nulltext.methods loads diffusers).
 ENGINES = {"reference": "OfficialNullTextInversion", "fast": "NullTextInversion", "negative_prompt": "NegativePromptInversion",
-           "flow_inversion": "FlowInversion"}
+           "flow_inversion": "FlowInversion", "rf_inversion": "RFInversion", "rf_solver": "RFSolverInversion",
+           "fireflow": "FireFlowInversion", "uniinv": "UniInversion"}
+# The engines with no optimisation (no early stop, no reference to compare with): timed once per batch size.
+ONE_PASS = ("negative_prompt", "flow_inversion", "rf_inversion", "rf_solver", "fireflow", "uniinv")
 
 
 # -- setup ---------------------------------------------------------------------------------
@@ -461,12 +465,7 @@ class Report:
 def run_bench(args) -> str:
     from nulltext import methods
     from nulltext.diffusion import Diffusion
-    from nulltext.methods import (
-        FlowInversion,
-        NegativePromptInversion,
-        NullTextInversion,
-        OfficialNullTextInversion,
-    )
+    from nulltext.methods import NullTextInversion, OfficialNullTextInversion
     from nulltext.models import resolve_device
 
     device = resolve_device(args.device)
@@ -527,6 +526,7 @@ def run_bench(args) -> str:
     def settings(early_stop: str) -> dict:
         return {"num_inner_steps": args.inner_steps, **({"early_stop_epsilon": -1.0} if early_stop == "off" else {})}
 
+    one_pass = {engine: getattr(methods, ENGINES[engine]) for engine in ONE_PASS if engine in args.engines}
     fast_engines = [("null_text", {})] if "fast" in args.engines else []
     fast_engines += [(f"null_text[{label}]", kwargs) for label, kwargs in args.variants]
 
@@ -541,10 +541,8 @@ def run_bench(args) -> str:
             for _, kwargs in fast_engines:
                 for b in args.batch_sizes:
                     timed_invert(NullTextInversion(**{**warm_settings, **kwargs}), warm, z0[:b], captions[:b], device)
-            if "negative_prompt" in args.engines:
-                timed_invert(NegativePromptInversion(), warm, z0[:1], captions[:1], device)
-            if "flow_inversion" in args.engines:
-                timed_invert(FlowInversion(), warm, z0[:1], captions[:1], device)
+            for engine in one_pass:
+                timed_invert(one_pass[engine](), warm, z0[:1], captions[:1], device)
         except torch.OutOfMemoryError as error:
             log.warning("warm-up ran out of memory (%s); the timed runs will report it", str(error).splitlines()[0])
         log.info("warm-up done in %.1f s", time.perf_counter() - t0)
@@ -588,12 +586,10 @@ def run_bench(args) -> str:
         for engine, kwargs in fast_engines:
             for b in args.batch_sizes:
                 run(engine, early_stop, NullTextInversion(**{**settings(early_stop), **kwargs}), b, reference)
-        if n == 0 and "negative_prompt" in args.engines:  # cheap, and a goal: before the second early-stop pass
-            for b in args.batch_sizes:
-                run("negative_prompt", "n/a", NegativePromptInversion(), b)
-        if n == 0 and "flow_inversion" in args.engines:
-            for b in args.batch_sizes:
-                run("flow_inversion", "n/a", FlowInversion(), b)
+        if n == 0:  # cheap (negative-prompt's speed is a goal): before the second early-stop pass
+            for engine, cls in one_pass.items():
+                for b in args.batch_sizes:
+                    run(engine, "n/a", cls(), b)
     if args.profile:
         kwargs = dict(args.variants).get(args.profile_variant, {})
         method = NullTextInversion(num_inner_steps=args.inner_steps, early_stop_epsilon=-1.0, **kwargs)

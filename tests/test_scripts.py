@@ -61,11 +61,13 @@ def test_bench_reports_every_engine_with_its_result_check(tmp_path):
     assert "result equal (rel. err. < 1e-3)" in text and "a CPU smoke run is NOT evidence" in text
 
 
+FLOW_ENGINES = ("flow_inversion", "rf_inversion", "rf_solver", "fireflow", "uniinv")
+
 
 @pytest.mark.parametrize(("model", "engines", "family"), [
     ("tiny_xl", ["null_text", "negative_prompt"], "sdxl"),
-    ("tiny_flux", ["flow_inversion"], "flux"),
-    ("tiny_sd3", ["null_text", "flow_inversion"], "sd3"),  # null-text runs on SD3 (docs/sd3_null_text.md)
+    ("tiny_flux", [*FLOW_ENGINES], "flux"),
+    ("tiny_sd3", ["null_text", *FLOW_ENGINES], "sd3"),  # null-text runs on SD3 (docs/sd3_null_text.md)
 ])
 def test_bench_times_the_engines_of_each_model_family(tmp_path, model, engines, family):
     """SDXL, SD3 and FLUX (issue 19): the engines whose method runs on the family, at the model's resolution;
@@ -88,6 +90,7 @@ def test_bench_times_the_engines_of_each_model_family(tmp_path, model, engines, 
     assert "No reference row, so no ratios (n/a)." in text
     for engine in engines:
         assert f"| {engine} | {'off' if engine == 'null_text' else 'n/a'} | 1 | 1 | " in text and "| n/ax |" not in text
+
 
 def test_bench_times_the_null_text_memory_options(tmp_path):
     """bf16 UNet weights (--model-dtype) and gradient checkpointing (a --variant): the rows the GPU run

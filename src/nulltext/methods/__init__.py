@@ -41,9 +41,9 @@ METHODS: dict[str, type[InversionMethod]] = {
         RFInversion,
         RFSolverInversion,
         FireFlowInversion,
+        UniInversion,
     )
 }
-METHODS[UniInversion.name] = UniInversion
 
 
 def method_class(name: str | None) -> type[InversionMethod]:
