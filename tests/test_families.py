@@ -238,9 +238,10 @@ FAMILY_RUNS = [
     ("tiny_xl", "renoise", [], 4 * (2 + 1), 4),  # w = 1; two estimates and the regularisation's reference per step
     ("tiny_sd3", "flow_inversion", [], 4, 8),
     ("tiny_flux", "flow_inversion", [], 4, 4),
+    *((model, "vae", [], 0, 0) for model in ("tiny_xl", "tiny_sd3", "tiny_flux")),  # the bound: decode(encode(x))
 ]
-# Methods with no pivot: their own exact sampler, no per-step latent error.
-NO_PIVOT = ("edict", "bdia")
+# Methods with no pivot (their own exact sampler, or none: the VAE bound): no per-step latent error.
+NO_PIVOT = ("edict", "bdia", "vae")
 
 
 @pytest.mark.parametrize("model, method, settings, inversion_evaluations, reconstruction_evaluations", FAMILY_RUNS)
