@@ -16,6 +16,7 @@ any model loads. Heavy imports happen inside them, so ``nulltext.cli`` stays che
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from nulltext.apps import CONFIG_DIR, check_common, check_editable_family, check_methods, given_on_command_line, method_options, plain, report_errors
 from nulltext.folders import in_own_folder
 from nulltext.validation import SettingError, check_choice, check_int, check_text
+
+if TYPE_CHECKING:  # the editing modules load torch and diffusers: imported where they run
+    from nulltext.editing.edit import EditSettings
 
 GRID_MIN_SIDE = 256  # grid panels are enlarged (nearest) to at least this; single files keep their size
 
