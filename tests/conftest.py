@@ -37,3 +37,12 @@ def sample_images():
 
     dataset = SampleImages(resolution=64)
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models' calls are too small to share between threads: one is faster and immune to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

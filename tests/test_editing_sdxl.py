@@ -30,12 +30,7 @@ TARGET = "a photo of a dog"
 LATENT_ATOL = 2e-3  # rows computed in batches of other sizes, explicit attention vs SDPA: float rounding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

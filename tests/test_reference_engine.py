@@ -26,13 +26,7 @@ def assert_float32_noise(actual, expected, rel=1e-3):
     assert diff.max().item() < 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's calls are too small to share between threads: one is faster and immune to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
