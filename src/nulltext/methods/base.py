@@ -111,6 +111,30 @@ class InversionMethod(ABC):
             raise SettingError(f"inversion.extra_guidance_scales={extra_guidance_scales!r} is not allowed: a list of numbers, e.g. [1.0]")
         self.extra_guidance_scales = tuple(check_float("inversion.extra_guidance_scales", w) for w in extra_guidance_scales)
 
+    def pivot_record(
+        self, pivot: Tensor, uncond: Tensor, cond: Tensor, prompts: list[str], guidance_scale: float,
+        iterations: int | list[int] = 0, **fields,
+    ) -> Inversion:
+        """The inversion sampled from the end of ``pivot`` ([B, S+1, C, h, w], z_0 first).
+
+        ``uncond`` and ``cond`` are [B, L, D] (one embedding for every step) or [B, S, L, D] (one
+        per step); ``iterations`` one count for every image or a list; ``fields`` the rest of
+        :class:`Inversion` (``method``, ``settings``, ``extras``, ``curves``).
+        """
+        per_step = lambda e: e if e.dim() == 4 else e.unsqueeze(1)  # noqa: E731
+        counts = iterations if isinstance(iterations, list) else [iterations] * len(prompts)
+        return Inversion(
+            z_T=pivot[:, -1],
+            uncond=per_step(uncond),
+            cond=per_step(cond),
+            prompts=prompts,
+            guidance_scale=guidance_scale,
+            iterations=counts,
+            pivot=pivot,
+            extra_guidance_scales=self.extra_guidance_scales,
+            **fields,
+        )
+
     def prepare(self, captions: Sequence[str]) -> None:
         """Called once with every caption of the dataset before inverting (most methods ignore it)."""
 

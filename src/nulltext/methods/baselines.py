@@ -43,16 +43,7 @@ class DDIMInversion(InversionMethod):
     ) -> Inversion:
         cond = diffusion.encode_text(prompts)
         pivot = diffusion.ddim_inversion(z0, cond)
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=self.embeddings(diffusion, cond).unsqueeze(1),
-            cond=cond.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=diffusion.guidance_scale,
-            iterations=[0] * len(prompts),
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
-        )
+        return self.pivot_record(pivot, self.embeddings(diffusion, cond), cond, prompts, diffusion.guidance_scale)
 
 
 class NegativePromptInversion(DDIMInversion):

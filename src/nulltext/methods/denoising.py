@@ -88,15 +88,8 @@ class TextualInversion(InversionMethod):
         """The inversion with the embedding as optimised so far: z_T by w = 1 DDIM inversion with it."""
         uncond, cond_final = (optimised, cond) if self.variable == "uncond" else (null, optimised)
         pivot = diffusion.ddim_inversion(z0, cond_final)
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=uncond.unsqueeze(1),
-            cond=cond_final.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=diffusion.guidance_scale,
-            iterations=[iterations] * len(prompts),
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
+        return self.pivot_record(
+            pivot, uncond, cond_final, prompts, diffusion.guidance_scale, iterations,
             curves={"denoising_loss": [c[:] for c in curve]},
         )
 

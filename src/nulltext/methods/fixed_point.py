@@ -61,16 +61,8 @@ class _ImplicitInversion(InversionMethod):
         latents = [z0]
         for t in reversed(diffusion.timesteps):
             latents.append(self.solve(diffusion, latents[-1], t, null, cond, state))
-        return Inversion(
-            z_T=latents[-1],
-            uncond=null.unsqueeze(1),
-            cond=cond.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=self.guidance_scale,
-            iterations=[sum(self.unet_calls(t) for t in diffusion.timesteps)] * len(prompts),
-            pivot=torch.stack(latents, dim=1),
-            extra_guidance_scales=self.extra_guidance_scales,
-        )
+        unet_calls = sum(self.unet_calls(t) for t in diffusion.timesteps)
+        return self.pivot_record(torch.stack(latents, dim=1), null, cond, prompts, self.guidance_scale, unet_calls)
 
 
 class FixedPointInversion(_ImplicitInversion):

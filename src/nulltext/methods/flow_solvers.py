@@ -82,17 +82,7 @@ class _MidpointSolver(InversionMethod):
         cond, null = diffusion.encode_prompts(prompts)
         velocity = guided_velocity(diffusion, null, cond, self.inversion_guidance_scale)
         pivot = torch.stack(self.integrate(velocity, z0, intervals(diffusion, invert=True)), dim=1)
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=null.unsqueeze(1),
-            cond=cond.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=diffusion.guidance_scale,
-            iterations=[0] * len(prompts),
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
-            method=self.name,
-        )
+        return self.pivot_record(pivot, null, cond, prompts, diffusion.guidance_scale, method=self.name)
 
     @classmethod
     @torch.no_grad()
@@ -243,15 +233,8 @@ class RFInversion(InversionMethod):
         for i in range(diffusion.schedule.num_steps):
             latents.append(self.forward_step(diffusion, i, latents[-1], y_1, null, self.gamma, self.source_guidance_scale))
         pivot = torch.stack(latents, dim=1)
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=null.unsqueeze(1),
-            cond=cond.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=diffusion.guidance_scale,
-            iterations=[0] * len(prompts),
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
+        return self.pivot_record(
+            pivot, null, cond, prompts, diffusion.guidance_scale,
             method=self.name,
             settings={"eta": self.eta, "start_timestep": self.start_timestep, "stop_timestep": self.stop_timestep},
             extras={"y_0": z0},

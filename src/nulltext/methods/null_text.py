@@ -113,16 +113,7 @@ class NullTextInversion(InversionMethod):
         pivot = self.pivot(diffusion, z0, cond, null, seeds)
         with self._checkpointing(diffusion.unet):
             uncond, cond_steps, iterations = self.optimise(diffusion, pivot, null, cond)
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=uncond,
-            cond=cond_steps,
-            prompts=prompts,
-            guidance_scale=diffusion.guidance_scale,
-            iterations=iterations,
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
-        )
+        return self.pivot_record(pivot, uncond, cond_steps, prompts, diffusion.guidance_scale, iterations)
 
     def unet_call(self, diffusion: Diffusion) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         """``(z, t, context) -> UNet output``: eager, or the UNet compiled once per model."""

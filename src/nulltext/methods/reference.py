@@ -95,16 +95,8 @@ class OfficialNullTextInversion(NullTextInversion):
             for b, prompt in enumerate(prompts):
                 records.append(self._invert_one(diffusion, z0[b : b + 1], prompt))
         pivot = torch.cat([r[0] for r in records])
-        return Inversion(
-            z_T=pivot[:, -1],
-            uncond=torch.cat([r[1] for r in records]),
-            cond=torch.cat([r[2] for r in records]).unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=diffusion.guidance_scale,
-            iterations=[r[3] for r in records],
-            pivot=pivot,
-            extra_guidance_scales=self.extra_guidance_scales,
-        )
+        uncond, cond = torch.cat([r[1] for r in records]), torch.cat([r[2] for r in records])
+        return self.pivot_record(pivot, uncond, cond, prompts, diffusion.guidance_scale, [r[3] for r in records])
 
     def optimise(self, diffusion: Diffusion, pivot: Tensor, null: Tensor, cond: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         """The parent's interface, one image at a time with the official loop (weights unfrozen)."""

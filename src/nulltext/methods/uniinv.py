@@ -76,13 +76,4 @@ class UniInversion(InversionMethod):
             velocity = diffusion.guided_output(predicted, t, null, cond, 1.0)
             z = schedule.invert_step(velocity, t, z)
             latents.append(z)
-        return Inversion(
-            z_T=z,
-            uncond=null.unsqueeze(1),
-            cond=cond.unsqueeze(1),
-            prompts=prompts,
-            guidance_scale=self.guidance_scale,
-            iterations=[0] * len(prompts),
-            pivot=torch.stack(latents, dim=1),
-            extra_guidance_scales=self.extra_guidance_scales,
-        )
+        return self.pivot_record(torch.stack(latents, dim=1), null, cond, prompts, self.guidance_scale)

@@ -10,7 +10,7 @@ One command measures what the bar names and compares it, criterion by criterion,
   ``--cases`` held-out scenes: edit success >= 80%, background PSNR within 2 dB of null-text's
   reconstruction PSNR, footprint <= 15%. The background is every pixel outside the edited object's
   exactly known coverage, dilated by ``dilate`` px (PIE-Bench scores outside its hand-drawn edit
-  masks; the renderer gives ours exactly), and it is compared with the edit's own reconstruction row;
+  masks; the renderer gives ours exactly), and, as there, it is compared with the input image;
 - text control at guidance 7.5 (colour and position, per object, 48 held-out scenes) at least the
   reference model's, as recorded in its ``eval/pocket_eval.json`` (the shipped stand-in: 58% / 58%).
 
