@@ -410,6 +410,9 @@ def test_position_classes_and_padding_losses_have_known_answers():
     assert padding_attention_loss([on_words], ids, eos).item() == 0.0
     assert padding_attention_loss([on_padding], ids, eos).item() == 1.0
     assert padding_attention_loss([on_words, on_padding], ids, eos).item() == 0.5
+    mixed = torch.where(torch.tensor([True, False])[:, None, None], on_words, on_padding)  # caption 1 (empty) on padding
+    assert padding_attention_loss([mixed], ids, eos).item() == 0.5
+    assert padding_attention_loss([mixed], ids, eos, skip=torch.tensor([False, True])).item() == 0.0  # the empty one skipped
 
     empty = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0))
     outputs = empty.repeat(2, 1, 1)
@@ -521,6 +524,7 @@ def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
 
 @pytest.mark.parametrize("config_name, source, side", [
     ("train_pocket_cpu_grounded", ROOT / "models" / "pocket-vae-h200" / "vae", 16),
+    ("train_pocket_cpu_grounded2", ROOT / "models" / "pocket-vae-h200" / "vae", 16),
     pytest.param("train_pocket_cpu_grounded32", POCKET / "vae", 8, marks=needs_pocket),
 ])
 def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, source, side, tmp_path):
@@ -534,6 +538,8 @@ def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, s
         cfg = compose(config_name=config_name)
     assert (cfg.grounding.weight, cfg.padding.attention_weight, cfg.padding.match_weight, cfg.padding.context_length) == (0.5, 0.2, 0.0, 77)
     assert cfg.run_dir is None and cfg.run_name == cfg.profile and not cfg.output_dir.startswith("models")
+    # The second 64 px run keeps the padding loss off the empty caption (null-text's handle there).
+    assert cfg.padding.get("attention_on_empty", True) == (config_name != "train_pocket_cpu_grounded2")
     cfg.vae_from = str(ROOT / cfg.vae_from)
     trainer = Trainer(cfg)
     assert trainer.phase == "unet" and trainer.models["unet"].config.sample_size == side
@@ -553,7 +559,7 @@ def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue",
-                                         "train_pocket_cpu_grounded", "train_pocket_cpu_grounded32"])
+                                         "train_pocket_cpu_grounded", "train_pocket_cpu_grounded2", "train_pocket_cpu_grounded32"])
 def test_training_recipes_have_at_least_32_channels_per_head(config_name):
     """diffusers reads attention_head_dim as a head COUNT: check what the modules are, not the name."""
     from hydra import compose, initialize_config_dir

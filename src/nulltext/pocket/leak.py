@@ -59,10 +59,13 @@ def position_classes(ids: Tensor, eos: int) -> Tensor:
     return torch.where(k == 0, 0, torch.where(k < end, 1, torch.where(k == end, 2, 3)))
 
 
-def padding_attention_loss(maps: Sequence[Tensor], ids: Tensor, eos: int) -> Tensor:
-    """Mean over layers, samples and queries of the attention mass on the EOS and padding positions."""
+def padding_attention_loss(maps: Sequence[Tensor], ids: Tensor, eos: int, skip: Tensor | None = None) -> Tensor:
+    """Mean over layers, samples (those not in ``skip``, [n] bool) and queries of the attention mass on
+    the EOS and padding positions."""
     tail = (position_classes(ids, eos) >= 2).float()  # [n, K]
-    return torch.stack([torch.einsum("bqk,bk->bq", a.float(), tail).mean() for a in maps]).mean()
+    keep = torch.ones(ids.shape[0], device=tail.device) if skip is None else (~skip).to(tail.device).float()
+    per_sample = [torch.einsum("bqk,bk->bq", a.float(), tail).mean(1) for a in maps]  # [n] each
+    return torch.stack([(m * keep).sum() / keep.sum().clamp_min(1) for m in per_sample]).mean()
 
 
 def padding_match_loss(outputs: Tensor, empty: Tensor, ids: Tensor, eos: int, dropped: Tensor) -> Tensor:

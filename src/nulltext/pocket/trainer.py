@@ -383,7 +383,10 @@ class Trainer:
             losses["token_loss"] = token_loss(recorder.maps_in(list(grounding.places)), targets)
             weights["token_loss"] = float(grounding.weight)
         if padding.attention_weight > 0:
-            losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos)
+            # Off the dropped (empty) captions when asked: there the mass on padding is what gives
+            # null-text a spatially varying handle (models/pocket/README.md, issue 17).
+            skip = None if padding.get("attention_on_empty", True) else dropped
+            losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos, skip)
             weights["padding_attention_loss"] = float(padding.attention_weight)
         if padding.match_weight > 0:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
