@@ -492,8 +492,15 @@ def test_leak_measures_on_a_trained_model(trained, tmp_path):
     change = encoder_change(diffusion, scenes, targets)
     assert change["start"] == 0.0 and change["earlier words"] == 0.0 and change["swapped word"] > 0
     assert "| **mean over layers** |" in markdown({"model": "tiny", "attention_mass": mass, "encoder_change": change})
+    # The empty caption has no words; a map that puts all its mass on the start token at every pixel
+    # has no spread (recomputed here from the maps of the tiny model, whatever they are).
+    empty = attention_mass(diffusion, scenes, (900, 100), empty_caption=True)
+    assert all(row["words"] == 0.0 and row["start_spatial_std"] >= 0.0 for row in empty["layers"].values())
+    assert empty["captions"] == ["", ""]
     main(["--model", str(whole), "--out", str(tmp_path), "--scenes", "2", "--timesteps", "900", "100"])
-    assert json.loads((tmp_path / "leak.json").read_text())["attention_mass"] == mass
+    written = json.loads((tmp_path / "leak.json").read_text())
+    assert written["attention_mass"] == mass and written["attention_mass_empty"] == empty
+    assert "## The empty caption" in (tmp_path / "leak.md").read_text()
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -93,24 +93,28 @@ def cross_attention_layers(unet, places: Sequence[str]) -> list[str]:
 
 
 @torch.no_grad()
-def attention_mass(diffusion, scenes, timesteps: Sequence[int] = (900, 500, 100), seed: int = 0) -> dict:
+def attention_mass(diffusion, scenes, timesteps: Sequence[int] = (900, 500, 100), seed: int = 0, empty_caption: bool = False) -> dict:
     """Where each cross-attention layer's mass goes (:data:`POSITION_CLASSES`), on ``scenes``
     rendered at the model's resolution, encoded, noised to each timestep (seeded noise) and run
     through the UNet once with their captions. Returns ``{"layers": {name: {"side", class: share}},
     "mean": {class: share}}``, shares averaged over queries, heads, scenes and timesteps; the mean
-    is over layers."""
+    is over layers. ``empty_caption``: the UNet reads the empty caption instead (the unconditional
+    branch null-text optimises); each layer also gives ``start_spatial_std``, the standard deviation
+    over pixels of the start token's weight (0: the same at every pixel, so an embedding can only
+    shift that layer's output by a constant)."""
     from nulltext.models import pipeline_resolution
     from nulltext.scenes import layout_from_scenes, render_layout
 
     unet, tokenizer = diffusion.unet, diffusion.tokenizer
     images = render_layout(layout_from_scenes(scenes, seed=seed, jitter=False), pipeline_resolution(diffusion.pipe))
     z0 = diffusion.encode_images(images)
-    captions = [s.caption for s in scenes]
+    captions = [""] * len(scenes) if empty_caption else [s.caption for s in scenes]
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     cond = diffusion.encode_text(captions)
     onehot = torch.nn.functional.one_hot(position_classes(ids, tokenizer.eos_token_id), len(POSITION_CLASSES)).float().to(z0.device)
     names = cross_attention_layers(unet, ("down", "mid", "up"))
     sums = torch.zeros(len(names), len(POSITION_CLASSES))
+    start_std = torch.zeros(len(names))
     alphas = diffusion.pipe.scheduler.alphas_cumprod.to(z0.device, torch.float32)
     for t in timesteps:
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed * 1000 + int(t))).to(z0.device)
@@ -121,10 +125,11 @@ def attention_mass(diffusion, scenes, timesteps: Sequence[int] = (900, 500, 100)
             raise RuntimeError(f"recorded {len(recorder.maps)} cross-attention calls for {len(names)} layers")
         for i, a in enumerate(recorder.maps):
             sums[i] += torch.einsum("bqk,bkc->c", a.float(), onehot).cpu() / (a.shape[0] * a.shape[1])
+            start_std[i] += a[..., 0].float().std(dim=1).mean().cpu()
     shares = sums / len(timesteps)
     layers = {
-        name: {"side": math.isqrt(a.shape[1]), **dict(zip(POSITION_CLASSES, s.tolist()))}
-        for name, a, s in zip(names, recorder.maps, shares)
+        name: {"side": math.isqrt(a.shape[1]), **dict(zip(POSITION_CLASSES, s.tolist())), "start_spatial_std": float(std) / len(timesteps)}
+        for name, a, s, std in zip(names, recorder.maps, shares, start_std)
     }
     return {"timesteps": list(timesteps), "captions": captions, "layers": layers, "mean": dict(zip(POSITION_CLASSES, shares.mean(0).tolist()))}
 
@@ -210,6 +215,12 @@ def markdown(report: dict) -> str:
         short = name.replace(".transformer_blocks.0.attn2", "")
         lines.append(f"| {short} | {row['side']}x{row['side']} | " + " | ".join(pct(row[c]) for c in POSITION_CLASSES) + " |")
     lines.append("| **mean over layers** | | " + " | ".join(pct(mass["mean"][c]) for c in POSITION_CLASSES) + " |")
+    empty = report.get("attention_mass_empty")
+    if empty:
+        lines += ["", "## The empty caption (the unconditional branch null-text optimises)", "",
+                  "| layer | start token | EOS + padding | start weight's std over pixels |", "|---|---|---|---|"]
+        for name, row in empty["layers"].items():
+            lines.append(f"| {name.replace('.transformer_blocks.0.attn2', '')} | {pct(row['start'])} | {pct(row['eos'] + row['padding'])} | {row['start_spatial_std']:.4f} |")
     change = report["encoder_change"]
     lines += ["", "## Text encoder output change when the colour word is swapped (relative norm)", "",
               "| " + " | ".join(change) + " |", "|" + "---|" * len(change), "| " + " | ".join(f"{v:.2f}" for v in change.values()) + " |"]
@@ -238,6 +249,7 @@ def main(argv=None) -> dict:
     diffusion = Diffusion(load_pipeline(args.model), num_inference_steps=50, guidance_scale=7.5)
     scenes, targets = swapped_colour_scenes(args.scenes)
     report = {"model": args.model, "attention_mass": attention_mass(diffusion, scenes, args.timesteps, args.seed),
+              "attention_mass_empty": attention_mass(diffusion, scenes, args.timesteps, args.seed, empty_caption=True),
               "encoder_change": encoder_change(diffusion, scenes, targets)}
     if args.edit_cases:
         report["edit_probe"] = edit_footprint_probe(diffusion, args.edit_cases, args.seed)
