@@ -477,10 +477,11 @@ def test_leak_measures_on_a_trained_model(trained, tmp_path):
     causal encoder cannot change the start token or the words before the swapped one; the command
     (scripts/measure_pocket_leak.py) writes them."""
     import json
+    import math
 
     from nulltext.diffusion import Diffusion
     from nulltext.models import load_pipeline
-    from nulltext.pocket.leak import POSITION_CLASSES, attention_mass, encoder_change, main, markdown, swapped_colour_scenes
+    from nulltext.pocket.leak import POSITION_CLASSES, attention_mass, encoder_change, main, markdown, start_spread, swapped_colour_scenes
 
     whole, _, _ = trained
     diffusion = Diffusion(load_pipeline(str(whole)), num_inference_steps=2)
@@ -492,10 +493,13 @@ def test_leak_measures_on_a_trained_model(trained, tmp_path):
     change = encoder_change(diffusion, scenes, targets)
     assert change["start"] == 0.0 and change["earlier words"] == 0.0 and change["swapped word"] > 0
     assert "| **mean over layers** |" in markdown({"model": "tiny", "attention_mass": mass, "encoder_change": change})
-    # The empty caption has no words; a map that puts all its mass on the start token at every pixel
-    # has no spread (recomputed here from the maps of the tiny model, whatever they are).
+    # The empty caption has no words. The start token's spread over pixels: 0 when every pixel weighs
+    # it alike; weights [1, 1, 0, 0] over four pixels give the sample std sqrt(1/3).
     empty = attention_mass(diffusion, scenes, (900, 100), empty_caption=True)
-    assert all(row["words"] == 0.0 and row["start_spatial_std"] >= 0.0 for row in empty["layers"].values())
+    assert all(row["words"] == 0.0 for row in empty["layers"].values())
+    alike, split = torch.full((2, 4, 5), 0.2), torch.zeros(2, 4, 5)
+    split[:, :2, 0], split[:, 2:, 1] = 1.0, 1.0
+    assert start_spread(alike).item() == 0.0 and start_spread(split).item() == pytest.approx(math.sqrt(1 / 3))
     assert empty["captions"] == ["", ""]
     main(["--model", str(whole), "--out", str(tmp_path), "--scenes", "2", "--timesteps", "900", "100"])
     written = json.loads((tmp_path / "leak.json").read_text())

@@ -68,6 +68,17 @@ def padding_attention_loss(maps: Sequence[Tensor], ids: Tensor, eos: int, skip: 
     return torch.stack([(m * keep).sum() / keep.sum().clamp_min(1) for m in per_sample]).mean()
 
 
+def start_spread(maps: Tensor) -> Tensor:
+    """Mean over samples of the standard deviation over queries (pixels) of the start token's weight,
+    for ``[n, queries, keys]`` maps: 0 when every pixel weighs it alike."""
+    return maps[..., 0].float().std(dim=1).mean()
+
+
+def layer_label(name: str) -> str:
+    """A cross-attention module's name without the suffix every one of them shares."""
+    return name.replace(".transformer_blocks.0.attn2", "")
+
+
 def padding_match_loss(outputs: Tensor, empty: Tensor, ids: Tensor, eos: int, dropped: Tensor) -> Tensor:
     """sum ||h - e||^2 / sum ||e||^2 over the padding positions of the captions kept (not dropped):
     ``outputs`` ``[n, K, D]`` the text encoder's, ``empty`` ``[1, K, D]`` the empty caption's (detached)."""
@@ -125,7 +136,7 @@ def attention_mass(diffusion, scenes, timesteps: Sequence[int] = (900, 500, 100)
             raise RuntimeError(f"recorded {len(recorder.maps)} cross-attention calls for {len(names)} layers")
         for i, a in enumerate(recorder.maps):
             sums[i] += torch.einsum("bqk,bkc->c", a.float(), onehot).cpu() / (a.shape[0] * a.shape[1])
-            start_std[i] += a[..., 0].float().std(dim=1).mean().cpu()
+            start_std[i] += start_spread(a).cpu()
     shares = sums / len(timesteps)
     layers = {
         name: {"side": math.isqrt(a.shape[1]), **dict(zip(POSITION_CLASSES, s.tolist())), "start_spatial_std": float(std) / len(timesteps)}
@@ -212,15 +223,14 @@ def markdown(report: dict) -> str:
              f"## Cross-attention mass by key position ({len(mass['captions'])} one-object captions, t = {', '.join(map(str, mass['timesteps']))})", "",
              "| layer | map | " + " | ".join(POSITION_CLASSES) + " |", "|---|---|" + "---|" * len(POSITION_CLASSES)]
     for name, row in mass["layers"].items():
-        short = name.replace(".transformer_blocks.0.attn2", "")
-        lines.append(f"| {short} | {row['side']}x{row['side']} | " + " | ".join(pct(row[c]) for c in POSITION_CLASSES) + " |")
+        lines.append(f"| {layer_label(name)} | {row['side']}x{row['side']} | " + " | ".join(pct(row[c]) for c in POSITION_CLASSES) + " |")
     lines.append("| **mean over layers** | | " + " | ".join(pct(mass["mean"][c]) for c in POSITION_CLASSES) + " |")
     empty = report.get("attention_mass_empty")
     if empty:
         lines += ["", "## The empty caption (the unconditional branch null-text optimises)", "",
                   "| layer | start token | EOS + padding | start weight's std over pixels |", "|---|---|---|---|"]
         for name, row in empty["layers"].items():
-            lines.append(f"| {name.replace('.transformer_blocks.0.attn2', '')} | {pct(row['start'])} | {pct(row['eos'] + row['padding'])} | {row['start_spatial_std']:.4f} |")
+            lines.append(f"| {layer_label(name)} | {pct(row['start'])} | {pct(row['eos'] + row['padding'])} | {row['start_spatial_std']:.4f} |")
     change = report["encoder_change"]
     lines += ["", "## Text encoder output change when the colour word is swapped (relative norm)", "",
               "| " + " | ".join(change) + " |", "|" + "---|" * len(change), "| " + " | ".join(f"{v:.2f}" for v in change.values()) + " |"]
