@@ -424,6 +424,40 @@ def test_position_classes_and_padding_losses_have_known_answers():
     assert padding_match_loss(outputs, empty, ids, eos, torch.tensor([False, True])).item() == pytest.approx(1.0)
 
 
+def test_empty_start_loss_has_known_answers_and_a_gradient_where_the_softmax_saturates():
+    """The empty caption's start-token log-odds above the cap's (0 at or below it, logit(0.9) -
+    logit(0.8) at 0.9, only the empty captions counted, 0 with none); at p_start = 1 - 1e-6 (a
+    saturated softmax) the gradient wrt the logits is not vanishing: -1 spread over the other keys in
+    proportion to their shares, +1 on the start token (per query, / queries)."""
+    import math
+
+    from nulltext.pocket.leak import empty_start_loss
+
+    def maps(p_start: float, n: int = 2) -> torch.Tensor:
+        a = torch.full((n, 4, 77), (1 - p_start) / 76, dtype=torch.float64)
+        a[..., 0] = p_start
+        return a
+
+    empty = torch.tensor([False, True])
+    assert empty_start_loss([maps(0.8)], empty, 0.8).item() == pytest.approx(0.0, abs=1e-9)
+    assert empty_start_loss([maps(0.5)], empty, 0.8).item() == 0.0
+    want = math.log(9) - math.log(4)
+    assert empty_start_loss([maps(0.9)], empty, 0.8).item() == pytest.approx(want)
+    assert empty_start_loss([maps(0.9), maps(0.5)], empty, 0.8).item() == pytest.approx(want / 2)
+    above_in_kept_caption = torch.where(empty[:, None, None], maps(0.5), maps(0.99))
+    assert empty_start_loss([above_in_kept_caption], empty, 0.8).item() == 0.0
+    assert empty_start_loss([maps(0.99)], torch.tensor([False, False]), 0.8).item() == 0.0
+
+    logits = torch.zeros(1, 4, 77, dtype=torch.float64)
+    logits[..., 0] = math.log(1 - 1e-6) - math.log(1e-6 / 76)  # p_start = 1 - 1e-6
+    logits[..., 5] += 1.0  # one other key weighs e times the rest
+    logits.requires_grad_(True)
+    empty_start_loss([logits.softmax(-1)], torch.tensor([True]), 0.8).backward()
+    rest = logits.detach()[0, 0, 1:].softmax(-1)
+    assert logits.grad[0, 0, 0].item() == pytest.approx(1 / 4, rel=1e-5)
+    assert torch.allclose(logits.grad[0, 0, 1:], -rest / 4, rtol=1e-4)
+
+
 def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_path):
     """With both padding losses and a 32-token context: the losses enter the total with their weights,
     the attention loss's gradients reach the UNet, the match loss's only the text encoder, a few steps
@@ -470,6 +504,38 @@ def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_pa
     images = pipe("a large red circle on the left on a plain gray background", num_inference_steps=2, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_empty_start_option_trains_the_empty_captions_start_share_down(trained, tmp_path):
+    """``padding.empty_start_weight``: the loss enters the total with its weight on a batch with a
+    dropped caption, and a few steps on it alone lower the empty caption's start-token share in
+    every cross-attention layer (cap set just under the tiny model's own share)."""
+    from nulltext.diffusion import Diffusion
+    from nulltext.pocket.batches import unet_batch_host
+    from nulltext.pocket.export import assemble_pipeline
+    from nulltext.pocket.leak import attention_mass, swapped_colour_scenes
+
+    whole, _, _ = trained
+    trainer = Trainer(_tiny_config(tmp_path, "empty", vae_from=str(whole), padding={"empty_start_weight": 0.5, "empty_start_cap": 0.01}))
+    unet, text = trainer.models["unet"], trainer.models["text_encoder"]
+    step = next(s for s in range(100) if unet_batch_host(trainer.cfg, s, trainer.tokens)[2].any())
+
+    def start_shares() -> torch.Tensor:
+        pipe = assemble_pipeline(trainer.models["vae"], unet, text, trainer.tokenizer, trainer.scaling_factor)
+        mass = attention_mass(Diffusion(pipe, num_inference_steps=2), swapped_colour_scenes(2)[0], (500,), empty_caption=True)
+        return torch.tensor([row["start"] for row in mass["layers"].values()])
+
+    losses = trainer.unet_losses(step)
+    assert set(losses) == {"loss", "empty_start_loss", "total"} and losses["empty_start_loss"].item() > 0
+    assert losses["total"].item() == pytest.approx((losses["loss"] + 0.5 * losses["empty_start_loss"]).item(), rel=1e-6)
+    before = start_shares()
+    opt = torch.optim.Adam([*unet.parameters(), *text.parameters()], lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        trainer.unet_losses(step)["empty_start_loss"].backward()
+        opt.step()
+    after = start_shares()
+    assert len(before) == 4 and (after < before).all(), (before, after)
 
 
 def test_leak_measures_on_a_trained_model(trained, tmp_path):
@@ -557,6 +623,27 @@ def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, s
     assert trainer.scaling_factor == json.loads((source / "config.json").read_text())["scaling_factor"]
 
 
+def test_grounded_continue_recipe_trains_the_committed_grounded_model_further(tmp_path):
+    """The second stage on models/pocket-grounded: its weights and scaling factor loaded, the padding
+    loss off the empty captions and the empty caption's start share capped."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from nulltext.models import load_pipeline
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train_pocket_cpu_grounded_continue", overrides=[f"run_dir={tmp_path / 'run'}"])
+    assert cfg.vae_from is None and not cfg.padding.attention_on_empty and cfg.padding.empty_start_weight > 0
+    cfg.init_from = str(ROOT / cfg.init_from)
+    trainer = Trainer(cfg)
+    source = ROOT / "models" / "pocket-grounded"
+    assert trainer.phase == "unet" and trainer.models["unet"].config.sample_size == 16
+    assert trainer.scaling_factor == json.loads((source / "vae" / "config.json").read_text())["scaling_factor"]
+    saved = load_pipeline(str(source)).vae.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.models["vae"].state_dict().items())
+
+
 def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
     """(heads, channels per head) of every attention module of a UNet, read from the built modules,
     and of every layer of the text encoder."""
@@ -570,7 +657,8 @@ def _head_widths(pipe_or_models) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("config_name", ["train_pocket", "train_pocket_cpu", "train_pocket_cpu_continue",
-                                         "train_pocket_cpu_grounded", "train_pocket_cpu_grounded2", "train_pocket_cpu_grounded32"])
+                                         "train_pocket_cpu_grounded", "train_pocket_cpu_grounded2", "train_pocket_cpu_grounded32",
+                                         "train_pocket_cpu_grounded_continue"])
 def test_training_recipes_have_at_least_32_channels_per_head(config_name):
     """diffusers reads attention_head_dim as a head COUNT: check what the modules are, not the name."""
     from hydra import compose, initialize_config_dir

@@ -136,4 +136,6 @@ def check_config(cfg: DictConfig) -> None:
     check_float("grounding.cell_threshold", cfg.grounding.cell_threshold, 0.0, 1.0)
     check_float("padding.attention_weight", cfg.padding.attention_weight, 0.0)
     check_float("padding.match_weight", cfg.padding.match_weight, 0.0)
+    check_float("padding.empty_start_weight", cfg.padding.get("empty_start_weight", 0.0), 0.0)
+    check_float("padding.empty_start_cap", cfg.padding.get("empty_start_cap", 0.8), 0.01, 0.99)
     check_int("padding.context_length", cfg.padding.context_length, LONGEST_CAPTION, CLIP_CONTEXT_LENGTH)

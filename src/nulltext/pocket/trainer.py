@@ -51,7 +51,7 @@ from nulltext.models import SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, 
 from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch_host, vae_batch
 from nulltext.pocket.export import assemble_pipeline, weights_sha256, write_pipeline
 from nulltext.pocket.grounding import CaptionPositions, GroundingTargets, recording_cross_attention, token_loss
-from nulltext.pocket.leak import padding_attention_loss, padding_match_loss
+from nulltext.pocket.leak import empty_start_loss, padding_attention_loss, padding_match_loss
 from nulltext.pocket.recipe import build_models, check_config, data_seed, lr_at, recipe_changes, resolve_path, run_folder, step_generator
 from nulltext.scenes import LayoutTokenizer, object_coverage, sample_layout
 from nulltext.validation import SettingError
@@ -61,19 +61,22 @@ class CSVLog:
     """One line per ``log_every`` steps: step, phase, loss (the denoising MSE in the UNet phase), lr,
     samples/s, elapsed minutes, and the extra loss terms of the UNet phase (empty when off)."""
 
-    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss", "padding_attention_loss", "padding_match_loss")
+    fields = ("phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss", "padding_attention_loss", "padding_match_loss", "empty_start_loss")
 
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
+        if path.exists():  # a resumed run keeps its file's columns (older runs logged fewer terms)
+            with path.open(newline="") as f:
+                self.fields = tuple(next(csv.reader(f), self.fields))
+        else:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.fields)
 
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([row.get(k, "") for k in self.fields])
-        print(" ".join(f"{k}={row[k]}" for k in self.fields if row.get(k, "") != ""), flush=True)
+        print(" ".join(f"{k}={v}" for k, v in row.items() if v != ""), flush=True)
 
 
 class EMA:
@@ -370,7 +373,9 @@ class Trainer:
         ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
         # the token loss reads the grounded layers; the padding attention loss every cross-attention layer
-        places = set(grounding.places if grounding.weight > 0 else []) | set(PLACES if padding.attention_weight > 0 else [])
+        empty_start_weight = float(padding.get("empty_start_weight", 0.0))  # absent from older checkpoints' recipes
+        every_layer = padding.attention_weight > 0 or empty_start_weight > 0
+        places = set(grounding.places if grounding.weight > 0 else []) | set(PLACES if every_layer else [])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             with recording_cross_attention(unet, sorted(places)) if places else nullcontext() as recorder:
                 context = text(ids)[0]
@@ -388,6 +393,9 @@ class Trainer:
             skip = None if padding.get("attention_on_empty", True) else dropped
             losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos, skip)
             weights["padding_attention_loss"] = float(padding.attention_weight)
+        if empty_start_weight > 0:
+            losses["empty_start_loss"] = empty_start_loss(recorder.maps, dropped, float(padding.get("empty_start_cap", 0.8)))
+            weights["empty_start_loss"] = empty_start_weight
         if padding.match_weight > 0:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 empty = text(self.tokens.empty[None].to(self.device))[0]
