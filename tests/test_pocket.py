@@ -425,10 +425,11 @@ def test_position_classes_and_padding_losses_have_known_answers():
 
 
 def test_empty_start_loss_has_known_answers_and_a_gradient_where_the_softmax_saturates():
-    """The empty caption's start-token log-odds above the cap's (0 at or below it, logit(0.9) -
-    logit(0.8) at 0.9, only the empty captions counted, 0 with none); at p_start = 1 - 1e-6 (a
-    saturated softmax) the gradient wrt the logits is not vanishing: -1 spread over the other keys in
-    proportion to their shares, +1 on the start token (per query, / queries)."""
+    """The empty caption's start-token log-odds outside [logit(min), logit(max)] (0 inside, logit(0.9)
+    - logit(0.8) at 0.9 above a ceiling of 0.8, logit(0.8) - logit(0.5) at 0.5 under a floor of 0.8,
+    only the empty captions counted, 0 with none); at p_start = 1 - 1e-6 (a saturated softmax) the
+    gradient wrt the logits does not vanish: +1 on the start token, -1 spread over the other keys in
+    proportion to their shares (per query, / queries)."""
     import math
 
     from nulltext.pocket.leak import empty_start_loss
@@ -439,20 +440,22 @@ def test_empty_start_loss_has_known_answers_and_a_gradient_where_the_softmax_sat
         return a
 
     empty = torch.tensor([False, True])
-    assert empty_start_loss([maps(0.8)], empty, 0.8).item() == pytest.approx(0.0, abs=1e-9)
-    assert empty_start_loss([maps(0.5)], empty, 0.8).item() == 0.0
-    want = math.log(9) - math.log(4)
-    assert empty_start_loss([maps(0.9)], empty, 0.8).item() == pytest.approx(want)
-    assert empty_start_loss([maps(0.9), maps(0.5)], empty, 0.8).item() == pytest.approx(want / 2)
+    assert empty_start_loss([maps(0.8)], empty, 0.0, 0.8).item() == pytest.approx(0.0, abs=1e-9)
+    assert empty_start_loss([maps(0.5)], empty, 0.0, 0.8).item() == 0.0
+    assert empty_start_loss([maps(0.85)], empty, 0.8, 0.9).item() == 0.0
+    above = math.log(9) - math.log(4)
+    assert empty_start_loss([maps(0.9)], empty, 0.0, 0.8).item() == pytest.approx(above)
+    assert empty_start_loss([maps(0.9), maps(0.5)], empty, 0.0, 0.8).item() == pytest.approx(above / 2)
+    assert empty_start_loss([maps(0.5)], empty, 0.8, 0.9).item() == pytest.approx(math.log(4))
     above_in_kept_caption = torch.where(empty[:, None, None], maps(0.5), maps(0.99))
-    assert empty_start_loss([above_in_kept_caption], empty, 0.8).item() == 0.0
-    assert empty_start_loss([maps(0.99)], torch.tensor([False, False]), 0.8).item() == 0.0
+    assert empty_start_loss([above_in_kept_caption], empty, 0.0, 0.8).item() == 0.0
+    assert empty_start_loss([maps(0.99)], torch.tensor([False, False]), 0.0, 0.8).item() == 0.0
 
     logits = torch.zeros(1, 4, 77, dtype=torch.float64)
     logits[..., 0] = math.log(1 - 1e-6) - math.log(1e-6 / 76)  # p_start = 1 - 1e-6
     logits[..., 5] += 1.0  # one other key weighs e times the rest
     logits.requires_grad_(True)
-    empty_start_loss([logits.softmax(-1)], torch.tensor([True]), 0.8).backward()
+    empty_start_loss([logits.softmax(-1)], torch.tensor([True]), 0.0, 0.8).backward()
     rest = logits.detach()[0, 0, 1:].softmax(-1)
     assert logits.grad[0, 0, 0].item() == pytest.approx(1 / 4, rel=1e-5)
     assert torch.allclose(logits.grad[0, 0, 1:], -rest / 4, rtol=1e-4)
@@ -509,14 +512,14 @@ def test_padding_options_train_and_export_a_stock_loadable_model(trained, tmp_pa
 def test_empty_start_option_trains_the_empty_captions_start_share_down(trained, tmp_path):
     """``padding.empty_start_weight``: the loss enters the total with its weight on a batch with a
     dropped caption, and a few steps on it alone lower the empty caption's start-token share in
-    every cross-attention layer (cap set just under the tiny model's own share)."""
+    every cross-attention layer (ceiling set under the tiny model's own share)."""
     from nulltext.diffusion import Diffusion
     from nulltext.pocket.batches import unet_batch_host
     from nulltext.pocket.export import assemble_pipeline
     from nulltext.pocket.leak import attention_mass, swapped_colour_scenes
 
     whole, _, _ = trained
-    trainer = Trainer(_tiny_config(tmp_path, "empty", vae_from=str(whole), padding={"empty_start_weight": 0.5, "empty_start_cap": 0.01}))
+    trainer = Trainer(_tiny_config(tmp_path, "empty", vae_from=str(whole), padding={"empty_start_weight": 0.5, "empty_start_max": 0.01}))
     unet, text = trainer.models["unet"], trainer.models["text_encoder"]
     step = next(s for s in range(100) if unet_batch_host(trainer.cfg, s, trainer.tokens)[2].any())
 
@@ -579,6 +582,8 @@ def test_leak_measures_on_a_trained_model(trained, tmp_path):
     ({"grounding": {"cell_threshold": 2}}, "grounding.cell_threshold=2.0 is not allowed"),
     ({"padding": {"attention_weight": -0.1}}, "padding.attention_weight=-0.1 is not allowed"),
     ({"padding": {"context_length": 30}}, "padding.context_length=30 is not allowed"),
+    ({"padding": {"empty_start_max": 1.0}}, "padding.empty_start_max=1.0 is not allowed"),
+    ({"padding": {"empty_start_min": 0.9, "empty_start_max": 0.8}}, "padding.empty_start_min=0.9 is not allowed"),
     ({"run_dir": None, "run_name": "a/b"}, "run_name='a/b' is not allowed"),
 ])
 def test_bad_recipe_settings_are_one_line_errors(tmp_path, setting, message):
@@ -635,6 +640,7 @@ def test_grounded_continue_recipe_trains_the_committed_grounded_model_further(tm
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train_pocket_cpu_grounded_continue", overrides=[f"run_dir={tmp_path / 'run'}"])
     assert cfg.vae_from is None and not cfg.padding.attention_on_empty and cfg.padding.empty_start_weight > 0
+    assert 0 < cfg.padding.empty_start_min <= cfg.padding.empty_start_max < 1
     cfg.init_from = str(ROOT / cfg.init_from)
     trainer = Trainer(cfg)
     source = ROOT / "models" / "pocket-grounded"

@@ -26,10 +26,12 @@ Training options (recipe key ``padding``; all off in the stock recipes):
   so the exported model needs nothing the stock pipeline does not do (replacing them only while
   training, or masking them in the UNet's attention, would leave the stock pipeline, which passes
   no attention mask, reading outputs the UNet never saw);
-- ``empty_start_weight`` / ``empty_start_cap`` (:func:`empty_start_loss`): the empty caption's
-  mass on the start token held at most ``cap`` (log-odds hinge), so the unconditional branch, the one
-  null-text optimises, keeps weight on keys whose embeddings it can change (the grounded run's went
-  to 100% start, identically at every pixel, and null-text lost its leverage there);
+- ``empty_start_weight`` / ``empty_start_min`` / ``empty_start_max`` (:func:`empty_start_loss`):
+  the empty caption's mass on the start token held within [min, max] (log-odds hinges). This sets
+  how much the unconditional branch, the one null-text optimises, reads keys whose embeddings it
+  can change: the grounded run's went to 100% start, identically at every pixel, and null-text lost
+  its leverage there; with a ceiling alone (0.8) it fell to 0-10% and null-text's embeddings then
+  steer the edits as well (models/pocket/README.md);
 - ``context_length`` (:class:`~nulltext.scenes.LayoutTokenizer`'s and the exported tokenizer's
   ``model_max_length``): fewer padding positions (the longest template caption has 31 tokens with
   BOS and EOS); the stock pipeline pads to the tokenizer's ``model_max_length``.
@@ -72,22 +74,25 @@ def padding_attention_loss(maps: Sequence[Tensor], ids: Tensor, eos: int, skip: 
     return torch.stack([(m * keep).sum() / keep.sum().clamp_min(1) for m in per_sample]).mean()
 
 
-def empty_start_loss(maps: Sequence[Tensor], empty: Tensor, cap: float) -> Tensor:
+def empty_start_loss(maps: Sequence[Tensor], empty: Tensor, low: float, high: float) -> Tensor:
     """Mean over layers, the empty captions (``empty``, [n] bool) and queries of how far the start
-    token's log-odds exceed ``cap``'s: relu(log p_start - log(1 - p_start) - logit(cap)); 0 without
-    empty captions. In log-odds because a saturated softmax (p_start -> 1, the grounded run's empty
-    caption) has vanishing gradients in p itself; the gradient of the log-odds wrt each other key's
-    logit is that key's share of the rest, which does not vanish. ``1 - p_start`` is summed from the
-    other keys' probabilities, not subtracted, so it keeps its precision."""
+    token's log-odds x = log p_start - log(1 - p_start) lie outside [logit(low), logit(high)]:
+    relu(logit(low) - x) + relu(x - logit(high)) (``low`` 0: no floor); 0 without empty captions.
+    In log-odds because a saturated softmax (p_start -> 1, the grounded run's empty caption) has
+    vanishing gradients in p itself; the gradient of x wrt each other key's logit is minus that key's
+    share of the rest, which does not vanish. ``1 - p_start`` is summed from the other keys'
+    probabilities, not subtracted, so it keeps its precision."""
     if not bool(empty.any()):
         return maps[0].new_zeros(())
-    threshold = math.log(cap / (1 - cap))
-    excess = []
+    floor = -math.inf if low <= 0 else math.log(low / (1 - low))
+    ceiling = math.log(high / (1 - high))
+    tiny = torch.finfo(torch.float32).tiny
+    outside = []
     for a in maps:
         a = a[empty.to(a.device)].float()
-        rest = a[..., 1:].sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-        excess.append(torch.relu(a[..., 0].clamp_min(torch.finfo(torch.float32).tiny).log() - rest.log() - threshold).mean())
-    return torch.stack(excess).mean()
+        x = a[..., 0].clamp_min(tiny).log() - a[..., 1:].sum(-1).clamp_min(tiny).log()
+        outside.append((torch.relu(floor - x) + torch.relu(x - ceiling)).mean())
+    return torch.stack(outside).mean()
 
 
 def start_spread(maps: Tensor) -> Tensor:

@@ -137,5 +137,6 @@ def check_config(cfg: DictConfig) -> None:
     check_float("padding.attention_weight", cfg.padding.attention_weight, 0.0)
     check_float("padding.match_weight", cfg.padding.match_weight, 0.0)
     check_float("padding.empty_start_weight", cfg.padding.get("empty_start_weight", 0.0), 0.0)
-    check_float("padding.empty_start_cap", cfg.padding.get("empty_start_cap", 0.8), 0.01, 0.99)
+    high = check_float("padding.empty_start_max", cfg.padding.get("empty_start_max", 0.8), 0.01, 0.999)
+    check_float("padding.empty_start_min", cfg.padding.get("empty_start_min", 0.0), 0.0, high)
     check_int("padding.context_length", cfg.padding.context_length, LONGEST_CAPTION, CLIP_CONTEXT_LENGTH)

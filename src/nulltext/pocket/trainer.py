@@ -394,7 +394,8 @@ class Trainer:
             losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos, skip)
             weights["padding_attention_loss"] = float(padding.attention_weight)
         if empty_start_weight > 0:
-            losses["empty_start_loss"] = empty_start_loss(recorder.maps, dropped, float(padding.get("empty_start_cap", 0.8)))
+            band = float(padding.get("empty_start_min", 0.0)), float(padding.get("empty_start_max", 0.8))
+            losses["empty_start_loss"] = empty_start_loss(recorder.maps, dropped, *band)
             weights["empty_start_loss"] = empty_start_weight
         if padding.match_weight > 0:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
