@@ -219,6 +219,33 @@ def test_no_controller_edit_matches_noop_controller(diffusion, inversion, edits)
     assert torch.allclose(plain.latents, edits("noop").latents, atol=LATENT_ATOL)
 
 
+def test_target_uncond_empty_samples_the_edited_rows_from_the_plain_null_text(diffusion, inversion):
+    """target_uncond=empty: with Prompt-to-Prompt the source row is the default edit's, bit for bit,
+    and the edited row moves; without attention control the edited row is what the default gives for
+    the same inversion with psi("") as its unconditional embedding at every step (an independent
+    way to the same sampling). Bad values and modes without Prompt-to-Prompt sampling: one line each."""
+    import dataclasses
+
+    from nulltext.editing.errors import EditError
+    from nulltext.validation import SettingError
+
+    target = ["a photo of a dog"]
+    default = edit(diffusion, inversion, target, {"mode": "replace"})
+    empty = edit(diffusion, inversion, target, {"mode": "replace", "target_uncond": "empty"})
+    assert torch.equal(empty.latents[0], default.latents[0]) and empty.settings["target_uncond"] == "empty"
+    assert (empty.latents[1] - default.latents[1]).abs().max() > 100 * LATENT_ATOL
+
+    plain_null = dataclasses.replace(inversion, uncond=diffusion.null_text()[:, None].expand_as(inversion.uncond).clone())
+    unguided_rows = edit(diffusion, inversion, target, {"mode": "none", "target_uncond": "empty"})
+    reference = edit(diffusion, plain_null, target, {"mode": "none"})
+    assert torch.allclose(unguided_rows.latents[1], reference.latents[1], atol=LATENT_ATOL)
+
+    with pytest.raises(SettingError, match="^target_uncond='zero' is not allowed"):
+        EditSettings(target_uncond="zero").validate()
+    with pytest.raises(EditError, match="target_uncond=empty applies to Prompt-to-Prompt sampling, not mode=sdedit"):
+        EditSettings(mode="sdedit", target_uncond="empty").validate()
+
+
 @pytest.mark.parametrize("name", list(EDITS))
 def test_source_row_is_the_reconstruction(edits, recon, name):
     out = edits(name)

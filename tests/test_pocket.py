@@ -98,7 +98,7 @@ def test_training_resumes_to_the_same_weights(trained):
     assert {k: (p["steps"], p["samples"]) for k, p in phases.items()} == {"vae": (3, 12), "decoder": (2, 8), "unet": (4, 16)}
     curves = (tmp / "whole" / "run" / "curves.csv").read_text().splitlines()
     assert curves[0].split(",") == ["phase", "step", "loss", "lr", "samples_per_s", "elapsed_min", "token_loss",
-                                    "padding_attention_loss", "padding_match_loss"]
+                                    "padding_attention_loss", "padding_match_loss", "empty_start_loss"]
     assert len(curves) == 1 + 3 + 2 + 4
 
 

@@ -37,6 +37,7 @@ from nulltext.reconstruction import to_uint8
 from nulltext.validation import SettingError, check_choice, check_float, check_int, check_probability, check_text
 
 MODES = ("replace", "refine", "reweight", "sdedit", "none", "flowedit")
+TARGET_UNCONDS = ("inversion", "empty")  # EditSettings.target_uncond
 
 
 @dataclass
@@ -57,6 +58,14 @@ class EditSettings:
         side nearest a quarter of the latent side (16 on SD, as the official code); small models
         need a finer one (8 on the pocket model's 8x8 latents, where a quarter is a 4x4 map).
     strength: SDEdit's fraction of the steps that are re-sampled with the target prompt.
+    target_uncond: the unconditional embeddings of the edited rows. ``inversion`` (Prompt-to-Prompt
+        on a null-text inversion as published: every row samples with the inversion's per-step
+        embeddings); ``empty``: the edited rows use the model's own null text psi("") instead, the
+        source row keeps the inversion's. An option of its own, off by default: where the inversion
+        drives its unconditional prediction close to the source's conditional one, as null-text
+        does (negative-prompt inversion sets them equal), guidance at w samples the edited rows near
+        c_tgt + (w - 1) (c_tgt - c_src), the swap amplified; ``empty`` guides them from psi("")
+        as plain sampling does (models/pocket/README.md measures both).
     n_max, n_avg, src_guidance_scale, tar_guidance_scale: FlowEdit's settings (``mode=flowedit``, SD3
         and FLUX: :mod:`nulltext.editing.flowedit`); None: the published value of the model's family.
 
@@ -81,6 +90,7 @@ class EditSettings:
     n_avg: int = 1
     src_guidance_scale: float | None = None
     tar_guidance_scale: float | None = None
+    target_uncond: str = "inversion"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EditSettings":
@@ -112,6 +122,9 @@ class EditSettings:
         check_probability("strength", self.strength)
         if self.mode in ("sdedit", "flowedit") and (self.blend_words is not None or self.reweight):
             raise EditError(f"mode={self.mode} uses no attention control: drop blend_words and reweight, or pick another mode")
+        check_choice("target_uncond", self.target_uncond, TARGET_UNCONDS)
+        if self.mode in ("sdedit", "flowedit") and self.target_uncond != "inversion":
+            raise EditError(f"target_uncond={self.target_uncond} applies to Prompt-to-Prompt sampling, not mode={self.mode}")
         if self.n_max is not None:
             check_int("n_max", self.n_max, 0)
         check_int("n_avg", self.n_avg, 1)
@@ -136,6 +149,16 @@ class EditSettings:
 
 
 SETTING_KEYS = tuple(f.name for f in dataclasses.fields(EditSettings))  # the config keys of an edit
+
+
+def row_unconds(diffusion: Diffusion, inversion: Inversion, edits: int, target_uncond: str) -> Tensor:
+    """The unconditional embeddings of sample_prompts: the inversion's [1, S|1, L, D] for every row
+    (``inversion``), or [1 + edits, S|1, L, D] with psi("") in the edited rows (``empty``)."""
+    if target_uncond == "inversion":
+        return inversion.uncond
+    source = inversion.uncond.to(diffusion.device)
+    empty = diffusion.null_text().to(source)[:, None].expand(edits, source.shape[1], -1, -1)
+    return torch.cat([source, empty])
 
 
 def check_window(name: str, window: Any) -> None:
@@ -229,13 +252,14 @@ def edit(
     prompts = [inversion.prompts[0], *target_prompts]
     z_T = inversion.z_T.to(diffusion.device)
     conds = prompt_conditions(diffusion, inversion, target_prompts)
+    uncond = row_unconds(diffusion, inversion, len(target_prompts), settings.target_uncond if settings is not None else "inversion")
     hooks = method_class(inversion.method).sampling_hooks(diffusion, inversion, rows=len(prompts))
     if controller is None:
-        latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, hooks=hooks)
+        latents = sample_prompts(diffusion, z_T, uncond, conds, w, hooks=hooks)
     else:
         controller.prepare(prompts, context_tokenizer(diffusion.pipe, prompts), diffusion.schedule.num_steps, tuple(z_T.shape[-2:]))
         with attention_control(diffusion.unet, controller):
-            latents = sample_prompts(diffusion, z_T, inversion.uncond, conds, w, controller, hooks=hooks)
+            latents = sample_prompts(diffusion, z_T, uncond, conds, w, controller, hooks=hooks)
         main = ControllerGroup(controller).find(AttentionEdit)
         if main is not None:
             main.warn_if_no_self_map_was_replaced()

@@ -53,7 +53,7 @@ def sample_prompts(
 ) -> Tensor:
     """Guided DDIM sampling of P prompts from ``z`` [1|P, C, h, w], steps ``start``..S-1.
 
-    ``uncond`` [1, S|1, L, D] is broadcast to every prompt; ``conds`` is [P, S|1, L, D]. One UNet
+    ``uncond`` [1|P, S|1, L, D]: one for every prompt, or one per prompt; ``conds`` is [P, S|1, L, D]. One UNet
     call per step on ``[z; z]`` with context ``[null_i x P; C_1..C_P]`` (Diffusion.guided_output's
     layout), the inversion method's ``hooks`` (its guidance rule and its correction after the
     step, e.g. direct inversion's offsets), then the controller's step callback (local blend).
