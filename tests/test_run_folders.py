@@ -82,7 +82,10 @@ def test_ctrl_c_names_the_override_that_resumes_the_run(tmp_path):
     # Default folders are named after the start time: the plain command again would start afresh.
     args = [*FAST, "inversion=null_text", "inversion.num_inner_steps=2", "data.limit=2"]
     command, env = nulltext_command(*args)
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; a test run started in
+    # the background of a non-interactive shell (nohup ... &) hands SIG_IGN down, so reset it.
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stdout = []
     for line in process.stdout:  # the run's log: the first image is done and the second begun
         stdout.append(line)
