@@ -74,6 +74,13 @@ def padding_attention_loss(maps: Sequence[Tensor], ids: Tensor, eos: int, skip: 
     return torch.stack([(m * keep).sum() / keep.sum().clamp_min(1) for m in per_sample]).mean()
 
 
+def empty_start_settings(padding) -> tuple:
+    """(weight, min, max) of the recipe's ``padding`` node, as given (``check_config`` checks them);
+    absent keys (recipes of runs started before the option existed, which must still resume) read
+    as off, 0 and 0.8."""
+    return padding.get("empty_start_weight", 0.0), padding.get("empty_start_min", 0.0), padding.get("empty_start_max", 0.8)
+
+
 def empty_start_loss(maps: Sequence[Tensor], empty: Tensor, low: float, high: float) -> Tensor:
     """Mean over layers, the empty captions (``empty``, [n] bool) and queries of how far the start
     token's log-odds x = log p_start - log(1 - p_start) lie outside [logit(low), logit(high)]:

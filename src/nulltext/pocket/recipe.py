@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from nulltext.models import CLIP_CONTEXT_LENGTH, cache_folder, resolve_device
+from nulltext.pocket.leak import empty_start_settings
 from nulltext.validation import SettingError
 
 PHASES = ("vae", "decoder", "unet")
@@ -136,7 +137,8 @@ def check_config(cfg: DictConfig) -> None:
     check_float("grounding.cell_threshold", cfg.grounding.cell_threshold, 0.0, 1.0)
     check_float("padding.attention_weight", cfg.padding.attention_weight, 0.0)
     check_float("padding.match_weight", cfg.padding.match_weight, 0.0)
-    check_float("padding.empty_start_weight", cfg.padding.get("empty_start_weight", 0.0), 0.0)
-    high = check_float("padding.empty_start_max", cfg.padding.get("empty_start_max", 0.8), 0.01, 0.999)
-    check_float("padding.empty_start_min", cfg.padding.get("empty_start_min", 0.0), 0.0, high)
+    weight, low, high = empty_start_settings(cfg.padding)
+    check_float("padding.empty_start_weight", weight, 0.0)
+    high = check_float("padding.empty_start_max", high, 0.01, 0.999)
+    check_float("padding.empty_start_min", low, 0.0, high)
     check_int("padding.context_length", cfg.padding.context_length, LONGEST_CAPTION, CLIP_CONTEXT_LENGTH)

@@ -51,7 +51,7 @@ from nulltext.models import SD_SCHEDULER_CONFIG, clip_tokenizer, load_pipeline, 
 from nulltext.pocket.batches import PhotoCrops, scene_images, unet_batch_host, vae_batch
 from nulltext.pocket.export import assemble_pipeline, weights_sha256, write_pipeline
 from nulltext.pocket.grounding import CaptionPositions, GroundingTargets, recording_cross_attention, token_loss
-from nulltext.pocket.leak import empty_start_loss, padding_attention_loss, padding_match_loss
+from nulltext.pocket.leak import empty_start_loss, empty_start_settings, padding_attention_loss, padding_match_loss
 from nulltext.pocket.recipe import build_models, check_config, data_seed, lr_at, recipe_changes, resolve_path, run_folder, step_generator
 from nulltext.scenes import LayoutTokenizer, object_coverage, sample_layout
 from nulltext.validation import SettingError
@@ -373,7 +373,7 @@ class Trainer:
         ab = self.alphas_cumprod[t].view(n, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
         # the token loss reads the grounded layers; the padding attention loss every cross-attention layer
-        empty_start_weight = float(padding.get("empty_start_weight", 0.0))  # absent from older checkpoints' recipes
+        empty_start_weight, *band = empty_start_settings(padding)
         every_layer = padding.attention_weight > 0 or empty_start_weight > 0
         places = set(grounding.places if grounding.weight > 0 else []) | set(PLACES if every_layer else [])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -394,9 +394,8 @@ class Trainer:
             losses["padding_attention_loss"] = padding_attention_loss(recorder.maps, ids, self.tokens.eos, skip)
             weights["padding_attention_loss"] = float(padding.attention_weight)
         if empty_start_weight > 0:
-            band = float(padding.get("empty_start_min", 0.0)), float(padding.get("empty_start_max", 0.8))
             losses["empty_start_loss"] = empty_start_loss(recorder.maps, dropped, *band)
-            weights["empty_start_loss"] = empty_start_weight
+            weights["empty_start_loss"] = float(empty_start_weight)
         if padding.match_weight > 0:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 empty = text(self.tokens.empty[None].to(self.device))[0]
