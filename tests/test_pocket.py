@@ -628,8 +628,8 @@ def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, s
     assert trainer.scaling_factor == json.loads((source / "config.json").read_text())["scaling_factor"]
 
 
-def test_grounded_continue_recipe_trains_the_committed_grounded_model_further(tmp_path):
-    """The second stage on models/pocket-grounded: its weights and scaling factor loaded, the padding
+def test_grounded_continue_recipe_trains_the_shipped_model_further(tmp_path):
+    """The second stage on the shipped grounded model (models/pocket): its weights and scaling factor loaded, the padding
     loss off the empty captions and the empty caption's start share capped."""
     import json
 
@@ -643,7 +643,7 @@ def test_grounded_continue_recipe_trains_the_committed_grounded_model_further(tm
     assert 0 < cfg.padding.empty_start_min <= cfg.padding.empty_start_max < 1
     cfg.init_from = str(ROOT / cfg.init_from)
     trainer = Trainer(cfg)
-    source = ROOT / "models" / "pocket-grounded"
+    source = POCKET
     assert trainer.phase == "unet" and trainer.models["unet"].config.sample_size == 16
     assert trainer.scaling_factor == json.loads((source / "vae" / "config.json").read_text())["scaling_factor"]
     saved = load_pipeline(str(source)).vae.state_dict()
@@ -678,11 +678,6 @@ def test_training_recipes_have_at_least_32_channels_per_head(config_name):
 
 
 @needs_pocket
-@pytest.mark.xfail(
-    strict=True,
-    reason="stand-in 2, shipped until the GPU model lands, predates the head fix (16 heads of 2-4 channels); "
-    "the retrained stand-in 3 did not beat it (models/pocket/README.md, History). Strict: a fixed model fails this marker",
-)
 def test_shipped_pocket_has_at_least_32_channels_per_head():
     from nulltext.pocket import load_pocket
 

@@ -114,5 +114,5 @@ def test_the_python_example_runs_as_written_and_on_the_shipped_model(tmp_path, m
     names = {}
     exec(example.replace('load_pipeline("sd14")', 'load_pipeline("pocket")'), names)
     result = names["result"]
-    assert result.null_embeddings.shape[0] == 50 and result.reconstruction.size == (32, 32)
+    assert result.null_embeddings.shape[0] == 50 and result.reconstruction.size == (64, 64)
     assert set(result.metrics) == {"psnr", "lpips", "ssim", "vae_psnr", "iterations", "seconds", "lpips_spec"}
