@@ -1,4 +1,4 @@
-"""Measure a pocket candidate against issue 17's bar for replacing the shipped stand-in
+"""Measure a pocket candidate against issue 17's bar for replacing the shipped model
 (:mod:`nulltext.pocket.ship`): attention ratio, null-text + Prompt-to-Prompt edit_bench with local
 blend, text control; exit status 0 when it ships.
 

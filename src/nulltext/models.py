@@ -183,7 +183,7 @@ def pocket_folder(path: str | None = None) -> Path:
     if not (folder / "model_index.json").exists():
         raise ModelUnavailableError(
             f"the pocket model is not at {folder}: train it with `python scripts/train_pocket_model.py` "
-            "(GPU) or `--config-name train_pocket_cpu` (CPU stand-in), or set NULLTEXT_POCKET"
+            "(GPU) or `--config-name train_pocket_cpu_grounded` (the CPU-trained one shipped), or set NULLTEXT_POCKET"
         )
     return folder
 
