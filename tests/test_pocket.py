@@ -55,7 +55,8 @@ def _tiny_config(tmp_path: Path, name: str, **overrides):
         },
         "vae_train": {"steps": 3, "batch_size": 4, "warmup": 1, "photo_fraction": 0.25, "photo_source_resolution": 32, "decoder_steps": 2},
         "unet_train": {"steps": 4, "batch_size": 4, "warmup": 1, "scale_batches": 1},
-        "grounding": {"weight": 0.0},  # on in the GPU recipe; the tests that need it switch it on
+        "grounding": {"weight": 0.0},  # on in the GPU recipe, as the padding attention loss:
+        "padding": {"attention_weight": 0.0},  # the tests that need them switch them on
     }
     return OmegaConf.merge(cfg, tiny, overrides)
 
