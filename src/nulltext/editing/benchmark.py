@@ -209,11 +209,22 @@ def check_edit_bench(cfg: DictConfig) -> tuple[list[str], dict, dict, dict]:
     return methods, options, settings, built
 
 
+def edit_cases(diffusion, inversion, cases: EditCases, settings, local_blend: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each case's colour swap applied to its row of ``inversion`` with the same edit ``settings`` (a
+    local blend on [source colour, target colour] when ``local_blend``): uint8 (edits, reconstructions)."""
+    from nulltext.editing.edit import edit
+
+    outs = []
+    for b, ((src, tgt), prompt) in enumerate(zip(cases.swaps, cases.target_captions)):
+        case_settings = dict(settings, blend_words=[src, tgt]) if local_blend else settings
+        outs.append(edit(diffusion, inversion.select(b), [prompt], case_settings).images)
+    return torch.cat([o[1:2] for o in outs]), torch.cat([o[:1] for o in outs])
+
+
 def run_edit_bench(cfg: DictConfig) -> dict:
     """Invert the cases with every method of ``cfg.methods``, edit each, score; writes edit_bench.json/.md and grid.png."""
     from hydra.utils import instantiate
 
-    from nulltext.editing.edit import edit
     from nulltext.editing.visual import enlarge, grid, to_pil
     from nulltext.io import atomic_write_json, atomic_write_text
     from nulltext.methods import image_seed
@@ -246,13 +257,8 @@ def run_edit_bench(cfg: DictConfig) -> dict:
         inversion = method.invert(diffusion, z0, cases.captions, seeds)
         t_inv = (time.perf_counter() - start) / len(cases.ids)
         start = time.perf_counter()
-        outs = []
-        for b, ((src, tgt), prompt) in enumerate(zip(cases.swaps, cases.target_captions)):
-            case_settings = dict(settings, blend_words=[src, tgt]) if cfg.local_blend else settings
-            outs.append(edit(diffusion, inversion.select(b), [prompt], case_settings).images)
+        edited[name], recon = edit_cases(diffusion, inversion, cases, settings, bool(cfg.local_blend))
         t_edit = (time.perf_counter() - start) / len(cases.ids)
-        recon = torch.cat([o[:1] for o in outs])
-        edited[name] = torch.cat([o[1:2] for o in outs])
         per_case[name] = scorer.score(edited[name], recon)
         seconds[name] = {"seconds_inversion": t_inv, "seconds_edit": t_edit}
         print(f"edit_bench: {name} done ({t_inv:.1f} s/inversion, {t_edit:.1f} s/edit)", flush=True)
